@@ -1,0 +1,133 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/sha256"
+
+	"github.com/valyala/fasthttp"
+)
+
+// hopByHop are the headers that describe one connection, not the message (RFC 9110
+// section 7.6.1). A proxy must not forward them.
+var hopByHop = [][]byte{
+	[]byte("Connection"), []byte("Proxy-Connection"), []byte("Keep-Alive"),
+	[]byte("Proxy-Authenticate"), []byte("Proxy-Authorization"), []byte("Te"),
+	[]byte("Trailer"), []byte("Transfer-Encoding"), []byte("Upgrade"),
+}
+
+// connectionTokens calls fn for each header name listed in a Connection header value.
+func connectionTokens(v []byte, fn func(name []byte)) {
+	for len(v) > 0 {
+		var tok []byte
+		if i := bytes.IndexByte(v, ','); i >= 0 {
+			tok, v = v[:i], v[i+1:]
+		} else {
+			tok, v = v, nil
+		}
+		tok = bytes.TrimSpace(tok)
+		if len(tok) > 0 {
+			fn(tok)
+		}
+	}
+}
+
+// stripRequest removes from a request everything a client may not pass to the upstream:
+// hop-by-hop headers, every header that Connection names, and the headers gatehouse sets.
+func stripRequest(h *fasthttp.RequestHeader, t *table) {
+	for _, v := range h.PeekAll("Connection") {
+		connectionTokens(v, func(name []byte) { h.DelBytes(name) })
+	}
+	for _, name := range hopByHop {
+		h.DelBytes(name)
+	}
+	for _, name := range t.strip {
+		h.DelBytes(name)
+	}
+}
+
+// stripResponse removes hop-by-hop headers from the upstream's response.
+func stripResponse(h *fasthttp.ResponseHeader) {
+	for _, v := range h.PeekAll("Connection") {
+		connectionTokens(v, func(name []byte) { h.DelBytes(name) })
+	}
+	for _, name := range hopByHop {
+		h.DelBytes(name)
+	}
+}
+
+// identity is how a request named its customer.
+type identity uint8
+
+const (
+	idNone identity = iota
+	idHeader
+	idAPIKey
+	idBadKey // an API key header that does not parse
+)
+
+// readIdentity finds the customer's identity on a request: the API key when API keys
+// are configured, else the identity header. For idHeader, value is the customer id; for
+// idAPIKey, sum holds the key's SHA-256. value aliases the request and is valid only until
+// the headers change.
+func readIdentity(h *fasthttp.RequestHeader, t *table, sum *[sha256.Size]byte) (identity, []byte) {
+	if t.apiKeyHdr != nil {
+		v := h.PeekBytes(t.apiKeyHdr)
+		if len(v) == 0 {
+			return idNone, nil
+		}
+		key, ok := parseAPIKey(v, t.apiKeyScheme)
+		if !ok {
+			return idBadKey, nil
+		}
+		*sum = sha256.Sum256(key)
+		return idAPIKey, nil
+	}
+	if t.identityHdr == nil {
+		return idNone, nil
+	}
+	v := bytes.TrimSpace(h.PeekBytes(t.identityHdr))
+	if len(v) == 0 {
+		return idNone, nil
+	}
+	return idHeader, v
+}
+
+// parseAPIKey takes the key out of a header value such as "Bearer k": the scheme is
+// matched without regard to case, and the key must be non-empty visible ASCII.
+func parseAPIKey(v, scheme []byte) ([]byte, bool) {
+	v = bytes.TrimSpace(v)
+	if len(scheme) > 0 {
+		if len(v) <= len(scheme) || !bytes.EqualFold(v[:len(scheme)], scheme) || (v[len(scheme)] != ' ' && v[len(scheme)] != '\t') {
+			return nil, false
+		}
+		v = bytes.TrimSpace(v[len(scheme):])
+	}
+	if len(v) == 0 || len(v) > 4096 {
+		return nil, false
+	}
+	for _, c := range v {
+		if c <= ' ' || c >= 0x7f {
+			return nil, false
+		}
+	}
+	return v, true
+}
+
+// parseCost reads a non-negative decimal cost of at most max.
+func parseCost(v []byte, max int64) (int64, bool) {
+	v = bytes.TrimSpace(v)
+	if len(v) == 0 || len(v) > 19 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range v {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(c-'0')
+		if n > max {
+			return 0, false
+		}
+	}
+	return n, true
+}
