@@ -50,7 +50,9 @@ type NATS struct {
 // Identity says how a request names its customer.
 type Identity struct {
 	// Header carries the customer id, as set by a trusted auth layer in front of
-	// gatehouse. Empty disables it.
+	// gatehouse, and is the header gatehouse forwards the customer id in. When APIKey is
+	// set, the key alone identifies: Header is then only the forwarded header
+	// (X-Customer-Id when empty), and a client-sent copy is replaced.
 	Header string  `yaml:"header"`
 	APIKey *APIKey `yaml:"api_key"`
 }
