@@ -55,6 +55,7 @@ func Reasons() []Reason {
 // Use is one feature that a request needs, and what it costs.
 type Use struct {
 	Feature string
+	ID      int32 // FeatureID(Feature), when known: a faster lookup
 	Cost    int64
 	// Deferred marks a cost known only from the upstream's response: Cost is reserved
 	// now (it may be 0), admission needs at least one unit left under a hard limit, and
@@ -71,11 +72,11 @@ type CounterKey struct {
 
 // Counter is the local usage of one CounterKey.
 type Counter struct {
-	Key CounterKey
-	End int64 // window end, unix nanoseconds
-
 	held      atomic.Int64 // committed + reserved: what admission compares with the limit
 	committed atomic.Int64 // usage that the upstream served
+	start     int64        // Key.WindowStart, beside the hot fields
+	End       int64        // window end, unix nanoseconds
+	Key       CounterKey
 }
 
 // Held is committed plus reserved usage.
@@ -83,12 +84,6 @@ func (c *Counter) Held() int64 { return c.held.Load() }
 
 // Committed is the usage that was committed.
 func (c *Counter) Committed() int64 { return c.committed.Load() }
-
-// window caches, on a Feature of one snapshot, the window last used and its counter.
-type window struct {
-	start, end int64
-	c          *Counter
-}
 
 // Usage is committed usage of one request for one feature, as the usage outbox records it.
 type Usage struct {
@@ -113,7 +108,8 @@ type Decision struct {
 // Reservation holds what Reserve took, until Commit or Refund. It is a plain value:
 // keep it in a pooled per-request struct and Reset it before reuse.
 type Reservation struct {
-	n     int
+	n     int // items in the reservation
+	dirty int // items written since the last Reset
 	snap  *Snapshot
 	items [MaxRouteFeatures]reserved
 }
@@ -127,7 +123,10 @@ type reserved struct {
 }
 
 // Reset empties r for reuse.
-func (r *Reservation) Reset() { *r = Reservation{} }
+func (r *Reservation) Reset() {
+	clear(r.items[:r.dirty])
+	r.n, r.dirty, r.snap = 0, 0, nil
+}
 
 // Len is the number of features in the reservation.
 func (r *Reservation) Len() int { return r.n }
@@ -203,22 +202,22 @@ func (l *Limiter) counter(k CounterKey, end int64) *Counter {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if c = s.m[k]; c == nil {
-		c = &Counter{Key: k, End: end}
+		c = &Counter{Key: k, start: k.WindowStart, End: end}
 		s.m[k] = c
 	}
 	return c
 }
 
-// windowOf returns the window of f that holds now, with its counter.
-func (l *Limiter) windowOf(s *Snapshot, f *Feature, now int64) *window {
-	if w := f.win.Load(); w != nil && now >= w.start && now < w.end {
-		return w
+// windowOf returns the counter of f's window that holds now. The counter of the window
+// last used is cached on the feature, so the map is read once per window per snapshot.
+func (l *Limiter) windowOf(s *Snapshot, f *Feature, now int64) *Counter {
+	if c := f.win.Load(); c != nil && now >= c.start && now < c.End {
+		return c
 	}
 	start, end := WindowAt(&s.Billing, f.Reset, time.Unix(0, now))
-	w := &window{start: unixNano(start), end: unixNano(end)}
-	w.c = l.counter(CounterKey{Customer: s.CustomerID, Feature: f.Key, WindowStart: w.start}, w.end)
-	f.win.Store(w)
-	return w
+	c := l.counter(CounterKey{Customer: s.CustomerID, Feature: f.Key, WindowStart: unixNano(start)}, unixNano(end))
+	f.win.Store(c)
+	return c
 }
 
 // Reserve decides whether the customer of s may make a request that needs uses, and if
@@ -234,10 +233,10 @@ func (l *Limiter) Reserve(s *Snapshot, uses []Use, now time.Time, force bool, r 
 	if len(uses) > MaxRouteFeatures {
 		uses = uses[:MaxRouteFeatures]
 	}
-	r.snap, r.n = s, len(uses)
+	r.snap, r.n, r.dirty = s, len(uses), max(r.dirty, len(uses))
 	// First every gate, so that a refusal takes nothing from any counter.
 	for i := range uses {
-		f := s.Features[uses[i].Feature]
+		f := s.featureByID(uses[i].ID, uses[i].Feature)
 		if f == nil || !f.Enabled {
 			if d.Reason == OK {
 				d = Decision{Reason: FeatureNotEntitled, Feature: uses[i].Feature}
@@ -256,22 +255,22 @@ func (l *Limiter) Reserve(s *Snapshot, uses []Use, now time.Time, force bool, r 
 			continue
 		}
 		f := it.f
-		w := l.windowOf(s, f, n)
-		it.c = w.c
+		c := l.windowOf(s, f, n)
+		it.c = c
 		if f.Unlimited || f.Soft || force {
-			held := w.c.held.Add(it.cost)
+			held := c.held.Add(it.cost)
 			if d.Reason == OK && !f.Unlimited && !f.Soft && !admits(held-it.cost, it.cost, f.Limit) {
-				d = Decision{Reason: UsageLimitExceeded, Feature: f.Key, Metered: true, Limit: f.Limit, Used: held - it.cost, ResetAt: w.end}
+				d = Decision{Reason: UsageLimitExceeded, Feature: f.Key, Metered: true, Limit: f.Limit, Used: held - it.cost, ResetAt: c.End}
 			}
 			continue
 		}
 		for {
-			held := w.c.held.Load()
+			held := c.held.Load()
 			if !admits(held, it.cost, f.Limit) {
 				l.undo(r, i)
-				return Decision{Reason: UsageLimitExceeded, Feature: f.Key, Metered: true, Limit: f.Limit, Used: held, ResetAt: w.end}
+				return Decision{Reason: UsageLimitExceeded, Feature: f.Key, Metered: true, Limit: f.Limit, Used: held, ResetAt: c.End}
 			}
-			if w.c.held.CompareAndSwap(held, held+it.cost) {
+			if c.held.CompareAndSwap(held, held+it.cost) {
 				break
 			}
 		}
@@ -360,6 +359,7 @@ func (l *Limiter) Refund(r *Reservation) {
 // before any request is served for it.
 func (l *Limiter) Restore(k CounterKey, end, committed int64) {
 	c := l.counter(k, end)
+	c.End = max(c.End, end)
 	c.committed.Store(committed)
 	c.held.Store(committed)
 }

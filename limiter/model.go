@@ -2,6 +2,8 @@ package limiter
 
 import (
 	"crypto/sha256"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -78,20 +80,22 @@ type Billing struct {
 // Feature is one entitlement of one customer. It is immutable once decoded, except for
 // the window cache, which only the limiter touches.
 type Feature struct {
+	// The fields the request path reads come first, to share a cache line.
+
+	win       atomic.Pointer[Counter] // the counter of the window last used; see Limiter
+	Limit     int64                   // metered only, when !Unlimited; 0 blocks a hard feature at once
+	Type      FeatureType
+	Enabled   bool
+	Unlimited bool // metered only: no usage limit
+	Soft      bool // metered only: usage may run over the limit, billed as overage
+	Reset     ResetPeriod
+
 	Key          string // lookup key, as routes name it
-	Type         FeatureType
-	Enabled      bool
-	Unlimited    bool  // metered only: no usage limit
-	Limit        int64 // metered only, when !Unlimited; 0 blocks a hard feature at once
-	Soft         bool  // metered only: usage may run over the limit, billed as overage
-	Reset        ResetPeriod
 	StaticValues []string
 	ConfigValue  []byte // config features: the raw JSON value
 	// HeaderValue is what a route forwards upstream for a static or config feature:
 	// the static values joined by ", ", or the config value's JSON.
 	HeaderValue string
-
-	win atomic.Pointer[window] // the window last seen, with its counter; see Limiter
 }
 
 // Snapshot is a customer's effective entitlements: one KV value, decoded and validated.
@@ -103,11 +107,76 @@ type Snapshot struct {
 	Features   map[string]*Feature
 	APIKeys    [][sha256.Size]byte // SHA-256 of each API key that identifies this customer
 	Revision   uint64              // KV revision that carried it; 0 when read from a file
+
+	// ids and byID index Features by FeatureID, sorted by id: the request path finds a
+	// feature with a scan of a few int32s instead of hashing its key.
+	ids  []int32
+	byID []*Feature
 }
 
 // Feature returns the named feature, or nil when the customer is not entitled to it.
 func (s *Snapshot) Feature(key string) *Feature {
 	return s.Features[key]
+}
+
+// featureByID returns the feature interned as id (see FeatureID), or the one named key
+// when the snapshot was built without an index.
+func (s *Snapshot) featureByID(id int32, key string) *Feature {
+	if id == 0 || (s.ids == nil && len(s.Features) > 0) {
+		return s.Features[key]
+	}
+	ids := s.ids
+	if len(ids) > 16 {
+		i, ok := slices.BinarySearch(ids, id)
+		if !ok {
+			return nil
+		}
+		return s.byID[i]
+	}
+	for i, x := range ids {
+		if x == id {
+			return s.byID[i]
+		}
+	}
+	return nil
+}
+
+// Index builds the by-id feature index. ParseSnapshot calls it; a Snapshot built in Go
+// works without it, more slowly.
+func (s *Snapshot) Index() {
+	s.ids = make([]int32, 0, len(s.Features))
+	for k := range s.Features {
+		s.ids = append(s.ids, FeatureID(k))
+	}
+	slices.Sort(s.ids)
+	s.byID = make([]*Feature, len(s.ids))
+	for k, f := range s.Features {
+		i, _ := slices.BinarySearch(s.ids, FeatureID(k))
+		s.byID[i] = f
+	}
+}
+
+// features interns feature keys as small integers for the request path.
+var features struct {
+	mu  sync.Mutex // protects ids
+	ids map[string]int32
+}
+
+// FeatureID returns the process-wide id of a feature key, assigning one on first use.
+// Ids start at 1. It takes a lock: call it when compiling routes and decoding snapshots,
+// never per request.
+func FeatureID(key string) int32 {
+	features.mu.Lock()
+	defer features.mu.Unlock()
+	if features.ids == nil {
+		features.ids = make(map[string]int32)
+	}
+	id, ok := features.ids[key]
+	if !ok {
+		id = int32(len(features.ids) + 1)
+		features.ids[key] = id
+	}
+	return id
 }
 
 // Source is where the limiter and the proxy read snapshots from: the replica, or a

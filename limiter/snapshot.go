@@ -46,6 +46,15 @@ type FeatureDoc struct {
 	ConfigValue      json.RawMessage `json:"config_value,omitempty"`
 }
 
+// Billing instants must fall in these years: far enough from the ends of what RFC 3339
+// and Go's time zone data represent (local mean time before 1900 has second offsets).
+const (
+	minYear = 1900
+	maxYear = 2500
+)
+
+func inYears(t time.Time) bool { return t.Year() >= minYear && t.Year() <= maxYear }
+
 // defaultAnchor anchors the windows of a snapshot that has no billing section: calendar
 // months (and days, weeks from a Thursday) in UTC.
 var defaultAnchor = time.Date(1970, 1, 1, 0, 0, 0, 0, time.UTC)
@@ -62,7 +71,7 @@ func ParseSnapshot(data []byte) (*Snapshot, error) {
 	if err := dec.Decode(&doc); err != nil {
 		return nil, fmt.Errorf("decode snapshot: %w", err)
 	}
-	if dec.More() {
+	if rest := bytes.TrimSpace(data[dec.InputOffset():]); len(rest) > 0 {
 		return nil, errors.New("decode snapshot: trailing data after the JSON object")
 	}
 	return doc.Snapshot()
@@ -80,6 +89,9 @@ func (d *SnapshotDoc) Snapshot() (*Snapshot, error) {
 	}
 	if d.UpdatedAt != nil {
 		s.UpdatedAt = *d.UpdatedAt
+		if !inYears(s.UpdatedAt.UTC()) {
+			bad("updated_at", "must be in the years %d to %d", minYear, maxYear)
+		}
 	}
 	s.Billing = Billing{PeriodStart: defaultAnchor, Interval: Monthly, Location: time.UTC}
 	if b := d.Billing; b != nil {
@@ -93,9 +105,15 @@ func (d *SnapshotDoc) Snapshot() (*Snapshot, error) {
 			bad("billing.period_start", "required")
 		}
 		s.Billing.PeriodStart = b.PeriodStart.In(loc)
+		if !b.PeriodStart.IsZero() && !inYears(s.Billing.PeriodStart) {
+			bad("billing.period_start", "must be in the years %d to %d", minYear, maxYear)
+		}
 		if b.PeriodEnd != nil {
 			if !b.PeriodEnd.After(b.PeriodStart) {
 				bad("billing.period_end", "must be after period_start")
+			}
+			if !inYears(b.PeriodEnd.In(loc)) {
+				bad("billing.period_end", "must be in the years %d to %d", minYear, maxYear)
 			}
 			s.Billing.PeriodEnd = b.PeriodEnd.In(loc)
 		}
@@ -135,6 +153,7 @@ func (d *SnapshotDoc) Snapshot() (*Snapshot, error) {
 	if len(errs) > 0 {
 		return nil, &SnapshotError{CustomerID: d.CustomerID, Problems: errs}
 	}
+	s.Index()
 	return s, nil
 }
 

@@ -73,6 +73,7 @@ type route struct {
 
 type routeFeature struct {
 	feature      string
+	id           int32 // limiter.FeatureID(feature)
 	cost         int64 // fixed cost, fallback, or reservation (see config.RouteFeature)
 	costSet      bool
 	reqHeader    string
@@ -129,7 +130,7 @@ func compile(cfg *config.Config) (*table, error) {
 			return nil, fmt.Errorf("routes[%d]: more than %d features", i, limiter.MaxRouteFeatures)
 		}
 		for _, f := range rc.Features {
-			rf := routeFeature{feature: f.Feature, reqHeader: f.CostRequestHeader, respHeader: f.CostResponseHeader, maxCost: f.MaxCost}
+			rf := routeFeature{feature: f.Feature, id: limiter.FeatureID(f.Feature), reqHeader: f.CostRequestHeader, respHeader: f.CostResponseHeader, maxCost: f.MaxCost}
 			if rf.maxCost <= 0 {
 				rf.maxCost = 1_000_000
 			}
