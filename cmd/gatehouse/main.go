@@ -1,0 +1,153 @@
+// Command gatehouse is the edge entitlement sidecar. See the README for the commands.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/gatehouse-dev/gatehouse/config"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	_ "time/tzdata" // billing time zones must resolve in a scratch image
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// exitError carries the exit status of a failure: 2 for bad usage or bad config.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+func usageErr(format string, args ...any) error {
+	return &exitError{code: 2, err: fmt.Errorf(format, args...)}
+}
+
+const usageText = `gatehouse: edge entitlement enforcement
+
+Usage:
+  gatehouse serve -config FILE          run the sidecar
+  gatehouse demo                        run a sidecar with example entitlements and an echo upstream
+  gatehouse check-config -config FILE   validate a configuration file and exit
+  gatehouse version                     print the version
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gatehouse:", err)
+		var ee *exitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.code)
+		}
+		os.Exit(1)
+	}
+}
+
+// run dispatches a subcommand.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usageText)
+		return usageErr("no command given")
+	}
+	cmd, args := args[0], args[1:]
+	switch cmd {
+	case "serve":
+		return cmdServe(ctx, args, stderr)
+	case "demo":
+		return cmdDemo(ctx, args, stdout, stderr)
+	case "check-config":
+		return cmdCheckConfig(args, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "gatehouse", version)
+		return nil
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usageText)
+		return nil
+	}
+	fmt.Fprint(stderr, usageText)
+	return usageErr("unknown command %q", cmd)
+}
+
+// flags returns a flag set that reports errors instead of exiting.
+func flags(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("gatehouse "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	if fs.NArg() > 0 {
+		return usageErr("unexpected arguments: %v", fs.Args())
+	}
+	return nil
+}
+
+// loadConfig loads a configuration file; a bad file is a usage error (exit 2).
+func loadConfig(path string) (*config.Config, error) {
+	if path == "" {
+		return nil, usageErr("-config FILE is required")
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		return nil, &exitError{code: 2, err: fmt.Errorf("invalid configuration:\n%w", err)}
+	}
+	return cfg, nil
+}
+
+func cmdCheckConfig(args []string, stdout, stderr io.Writer) error {
+	fs := flags("check-config", stderr)
+	path := fs.String("config", "", "configuration file")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	if cfg.Entitlements.File != "" {
+		if _, err := loadSnapshots(cfg.Entitlements.File); err != nil {
+			return &exitError{code: 2, err: err}
+		}
+	}
+	fmt.Fprintf(stdout, "%s: ok (%d routes)\n", *path, len(cfg.Routes))
+	return nil
+}
+
+// newLogger builds the process logger from the log section.
+func newLogger(l config.Log, stderr io.Writer) (*zap.Logger, error) {
+	level, err := zapcore.ParseLevel(l.Level)
+	if err != nil {
+		return nil, usageErr("log.level: %v", err)
+	}
+	encCfg := zap.NewProductionEncoderConfig()
+	encCfg.TimeKey = "ts"
+	encCfg.EncodeTime = zapcore.ISO8601TimeEncoder
+	encCfg.EncodeDuration = zapcore.StringDurationEncoder
+	var enc zapcore.Encoder
+	if l.Format == "console" {
+		encCfg.EncodeLevel = zapcore.CapitalColorLevelEncoder
+		enc = zapcore.NewConsoleEncoder(encCfg)
+	} else {
+		enc = zapcore.NewJSONEncoder(encCfg)
+	}
+	core := zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(stderr)), level)
+	// Sampling keeps a flood of identical hot-path messages from costing the proxy.
+	core = zapcore.NewSamplerWithOptions(core, 1e9, 100, 100)
+	return zap.New(core), nil
+}
