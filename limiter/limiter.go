@@ -136,7 +136,7 @@ type Meter struct {
 	Feature   string
 	Unlimited bool
 	Limit     int64
-	Held      int64 // committed + reserved, this reservation included
+	Held      int64 // committed + reserved, this reservation's actual cost included
 	Start     int64 // window start, unix nanoseconds
 	ResetAt   int64 // window end, unix nanoseconds
 }
@@ -147,7 +147,7 @@ func (r *Reservation) Meter(i int) (m Meter, ok bool) {
 	if it.c == nil {
 		return Meter{}, false
 	}
-	return Meter{Feature: it.f.Key, Unlimited: it.f.Unlimited, Limit: it.f.Limit, Held: it.c.held.Load(), Start: it.c.Key.WindowStart, ResetAt: it.c.End}, true
+	return Meter{Feature: it.f.Key, Unlimited: it.f.Unlimited, Limit: it.f.Limit, Held: it.c.held.Load() + it.actual - it.cost, Start: it.c.Key.WindowStart, ResetAt: it.c.End}, true
 }
 
 // Deferred reports whether the i-th feature's cost comes from the response.
@@ -245,6 +245,10 @@ func (l *Limiter) Reserve(s *Snapshot, uses []Use, now time.Time, force bool, r 
 				r.n = 0
 				return d
 			}
+		}
+		if uses[i].Cost < 0 {
+			r.n = 0
+			return Decision{Reason: CostInvalid, Feature: uses[i].Feature}
 		}
 		r.items[i] = reserved{f: f, cost: uses[i].Cost, actual: uses[i].Cost, deferred: uses[i].Deferred}
 	}

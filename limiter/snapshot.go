@@ -329,12 +329,14 @@ func LoadLocation(name string) (*time.Location, error) {
 func (s *Snapshot) Doc() SnapshotDoc {
 	d := SnapshotDoc{CustomerID: s.CustomerID, Features: make(map[string]FeatureDoc, len(s.Features))}
 	if !s.UpdatedAt.IsZero() {
-		t := s.UpdatedAt
+		t := s.UpdatedAt.UTC()
 		d.UpdatedAt = &t
 	}
-	b := BillingDoc{PeriodStart: s.Billing.PeriodStart, Interval: s.Billing.Interval.String(), Timezone: s.Billing.Location.String()}
+	// Instants are written in UTC: the zone travels in timezone, and RFC 3339 offsets
+	// cannot carry the second-level offsets of old local mean times.
+	b := BillingDoc{PeriodStart: s.Billing.PeriodStart.UTC(), Interval: s.Billing.Interval.String(), Timezone: s.Billing.Location.String()}
 	if !s.Billing.PeriodEnd.IsZero() {
-		t := s.Billing.PeriodEnd
+		t := s.Billing.PeriodEnd.UTC()
 		b.PeriodEnd = &t
 	}
 	d.Billing = &b

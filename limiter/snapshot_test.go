@@ -303,12 +303,14 @@ func snapshotDiff(a, b *Snapshot) string {
 
 // TestSnapshotDocExtremeTimes holds valid RFC 3339 times that ParseSnapshot accepts but
 // that, moved into the billing time zone, either fall outside the years 0 to 9999 that
-// encoding/json can write, or get an offset with seconds (local mean time before 1893 in
-// Berlin) that RFC 3339 cannot write. Each must re-encode through Doc, or be rejected.
-// Found with FuzzParseSnapshot's round-trip property.
+// encoding/json can write, or get an offset with seconds that RFC 3339 cannot write
+// (local mean time before 1893 in Berlin; Amsterdam kept +00:19:32 until 1937, within the
+// years ParseSnapshot accepts). Each must re-encode through Doc, or be rejected. Found
+// with FuzzParseSnapshot's round-trip property.
 func TestSnapshotDocExtremeTimes(t *testing.T) {
 	cases := []struct{ name, doc string }{
 		{"local mean time", `{"customer_id": "c1", "billing": {"period_start": "1850-01-01T00:00:00Z", "timezone": "Europe/Berlin"}, "features": {}}`},
+		{"Amsterdam time, +00:19:32 until 1937", `{"customer_id": "c1", "billing": {"period_start": "1920-01-01T00:00:00Z", "timezone": "Europe/Amsterdam"}, "features": {}}`},
 		{"year -1 in UTC", `{"customer_id": "c1", "billing": {"period_start": "0000-01-01T00:00:00+00:01"}, "features": {}}`},
 		{"year 10000 in the zone", `{"customer_id": "c1", "billing": {"period_start": "9999-12-31T20:00:00Z", "timezone": "Pacific/Kiritimati"}, "features": {}}`},
 		{"period_end in year 10000", `{"customer_id": "c1", "billing": {"period_start": "2026-01-01T00:00:00Z", "period_end": "9999-12-31T23:59:59-01:00"}, "features": {}}`},

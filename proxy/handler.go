@@ -30,6 +30,7 @@ func (p *Proxy) decide(t *table, method, path []byte, h *fasthttp.RequestHeader,
 	if o.route == nil {
 		if t.denyUnmatch {
 			o.decision.Reason = limiter.RouteNotAllowed
+			o.shadow = t.shadowAll
 		}
 		return o
 	}
@@ -68,7 +69,7 @@ func (p *Proxy) decide(t *table, method, path []byte, h *fasthttp.RequestHeader,
 	uses := st.uses[:len(o.route.features)]
 	for i := range o.route.features {
 		rf := &o.route.features[i]
-		u := limiter.Use{Feature: rf.feature, Cost: rf.cost, Deferred: rf.usesResponse}
+		u := limiter.Use{Feature: rf.feature, ID: rf.id, Cost: rf.cost, Deferred: rf.usesResponse}
 		if rf.reqHeader != "" {
 			if v := h.Peek(rf.reqHeader); len(v) > 0 {
 				c, ok := parseCost(v, rf.maxCost)
@@ -89,26 +90,31 @@ func (p *Proxy) decide(t *table, method, path []byte, h *fasthttp.RequestHeader,
 	return o
 }
 
-// Handle is the proxy's request handler.
+// Handle is the proxy's request handler. Paths under CheckPrefix are the check
+// endpoints' and are never forwarded.
 func (p *Proxy) Handle(ctx *fasthttp.RequestCtx) {
+	if isCheckPath(ctx.Path()) {
+		p.serveCheck(ctx)
+		return
+	}
 	t := p.table.Load()
 	st := p.states.Get().(*reqState)
 	defer p.putState(st)
 	now := ctx.Time()
-	start := time.Now()
+	start, timed := p.metrics.startTiming(st)
 	o := p.decide(t, ctx.Method(), ctx.Path(), &ctx.Request.Header, now, st)
-	p.metrics.decided(o.route, &o.decision, o.shadow, time.Since(start))
-	if o.decision.Reason != limiter.OK {
-		if !o.shadow {
-			p.refuse(ctx, &o, now, st)
-			return
+	p.metrics.decided(&o, start, timed)
+	if o.decision.Reason != limiter.OK && !o.shadow {
+		p.refuse(ctx, &o, now, st)
+	} else {
+		if o.decision.Reason != limiter.OK {
+			p.shadowRefusal(&o)
 		}
-		if ce := p.log.Check(zap.InfoLevel, "shadow refusal"); ce != nil {
-			ce.Write(zap.String("route", o.route.name), zap.String("reason", o.decision.Reason.String()),
-				zap.String("feature", o.decision.Feature), zap.ByteString("customer", o.customer))
-		}
+		p.forward(ctx, t, &o, now, st)
 	}
-	p.forward(ctx, t, &o, now, st)
+	if p.access.on() {
+		p.access.write(ctx, "", ctx.Path(), &o, st)
+	}
 }
 
 func (p *Proxy) putState(st *reqState) {
@@ -152,11 +158,23 @@ func (p *Proxy) forward(ctx *fasthttp.RequestCtx, t *table, o *outcome, now time
 		return
 	}
 	stripResponse(&resp.Header)
+	if o.route != nil && o.route.deferredCosts && !o.reserved {
+		for i := range o.route.features {
+			if rf := &o.route.features[i]; rf.usesResponse {
+				resp.Header.Del(rf.respHeader)
+			}
+		}
+	}
 	if !o.reserved {
 		return
 	}
 	if resp.StatusCode() >= 500 {
 		p.opts.Limiter.Refund(&st.res)
+		for i := range o.route.features {
+			if rf := &o.route.features[i]; rf.usesResponse {
+				resp.Header.Del(rf.respHeader)
+			}
+		}
 		return
 	}
 	for i := range o.route.features {

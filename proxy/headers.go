@@ -113,21 +113,22 @@ func parseAPIKey(v, scheme []byte) ([]byte, bool) {
 	return v, true
 }
 
-// parseCost reads a non-negative decimal cost of at most max.
+// parseCost reads a non-negative decimal cost of at most max. It never overflows: a
+// value is refused as soon as it passes max.
 func parseCost(v []byte, max int64) (int64, bool) {
 	v = bytes.TrimSpace(v)
-	if len(v) == 0 || len(v) > 19 {
+	if len(v) == 0 || len(v) > 19 || max < 0 {
 		return 0, false
 	}
-	var n int64
+	var n uint64
 	for _, c := range v {
-		if c < '0' || c > '9' {
+		if c < '0' || c > '9' || n > uint64(max)/10 {
 			return 0, false
 		}
-		n = n*10 + int64(c-'0')
-		if n > max {
+		n = n*10 + uint64(c-'0')
+		if n > uint64(max) {
 			return 0, false
 		}
 	}
-	return n, true
+	return int64(n), true
 }

@@ -78,9 +78,11 @@ func appendProblem(b []byte, d *limiter.Decision, customer []byte) []byte {
 		b = strconv.AppendInt(b, d.Limit, 10)
 		b = append(b, `,"used":`...)
 		b = strconv.AppendInt(b, d.Used, 10)
-		b = append(b, `,"reset_at":"`...)
-		b = time.Unix(0, d.ResetAt).UTC().AppendFormat(b, time.RFC3339)
-		b = append(b, '"')
+		if d.ResetAt != limiter.NeverEnds {
+			b = append(b, `,"reset_at":"`...)
+			b = time.Unix(0, d.ResetAt).UTC().AppendFormat(b, time.RFC3339)
+			b = append(b, '"')
+		}
 	}
 	return append(b, '}')
 }

@@ -51,6 +51,9 @@ type Options struct {
 	Recorder Recorder // nil: usage is counted in memory only
 	Log      *zap.Logger
 	Metrics  *Metrics // nil: a fresh, unregistered set
+	// AccessLog receives the access log when log.access_log is on; nil: Log. Give it a
+	// logger without sampling, or busy periods lose lines.
+	AccessLog *zap.Logger
 	// Upstream overrides the HTTP client to the upstream (tests use an in-memory dialer).
 	Upstream *fasthttp.HostClient
 }
@@ -64,6 +67,7 @@ type Proxy struct {
 	timeout  atomic.Int64 // upstream timeout, nanoseconds
 	server   *fasthttp.Server
 	metrics  *Metrics
+	access   *accessLog
 	states   sync.Pool // *reqState
 	closed   atomic.Bool
 	serveErr chan error
@@ -79,6 +83,7 @@ type reqState struct {
 	limit   []byte
 	keySum  [32]byte
 	forward [limiter.MaxRouteFeatures]*limiter.Feature
+	timing  uint32 // decisions until the next one timed (Metrics.startTiming)
 }
 
 // New builds a Proxy; it does not listen yet.
@@ -92,7 +97,11 @@ func New(opts Options) (*Proxy, error) {
 	if opts.Metrics == nil {
 		opts.Metrics = NewMetrics()
 	}
-	p := &Proxy{opts: opts, log: opts.Log.Named("proxy"), metrics: opts.Metrics, serveErr: make(chan error, 1)}
+	if opts.AccessLog == nil {
+		opts.AccessLog = opts.Log
+	}
+	p := &Proxy{opts: opts, log: opts.Log.Named("proxy"), metrics: opts.Metrics, serveErr: make(chan error, 1),
+		access: newAccessLog(opts.AccessLog.Named("access"))}
 	p.states.New = func() any { return &reqState{usage: make([]limiter.Usage, 0, limiter.MaxRouteFeatures)} }
 	if err := p.Reload(opts.Config); err != nil {
 		return nil, err
@@ -156,15 +165,18 @@ func newUpstreamClient(u *config.Upstream) (*fasthttp.HostClient, error) {
 }
 
 // Reload swaps in the routes, identity and policies of cfg atomically: a request sees
-// either the old table or the new one, never a mix. The listener, the upstream and the
-// server limits are not reloaded.
+// either the old table or the new one, never a mix. The upstream timeout and the access
+// log switch follow cfg too. The listener, the upstream and the server limits are not
+// reloaded.
 func (p *Proxy) Reload(cfg *config.Config) error {
 	t, err := compile(cfg)
 	if err != nil {
 		return err
 	}
+	p.metrics.bind(t)
 	p.table.Store(t)
 	p.timeout.Store(int64(cfg.Upstream.Timeout))
+	p.access.enabled.Store(cfg.Log.AccessLog)
 	return nil
 }
 
