@@ -39,3 +39,6 @@ func MsgID(sidecarID, epoch string, seq uint64) string {
 
 // Subject is the subject a sidecar publishes its usage on.
 func Subject(sidecarID string) string { return SubjectPrefix + sidecarID }
+
+// ID is the message's Nats-Msg-Id.
+func (m *Message) ID() string { return MsgID(m.SidecarID, m.Epoch, m.Seq) }
