@@ -65,7 +65,8 @@ type APIKey struct {
 
 // Entitlements configures where snapshots come from besides the KV bucket.
 type Entitlements struct {
-	File string `yaml:"file"` // JSON array or NDJSON of snapshots
+	File      string `yaml:"file"`       // JSON array or NDJSON of snapshots, pushed into the bucket at start
+	CacheSize int    `yaml:"cache_size"` // customers kept decoded in memory; the rest are read from Badger
 }
 
 // Route maps requests to the features they use. Routes are tried in order; the first
@@ -141,13 +142,14 @@ type FlexpriceFeature struct {
 // Default returns the configuration that an empty file means.
 func Default() *Config {
 	return &Config{
-		Listen:      ":8080",
-		AdminListen: "127.0.0.1:9901",
-		Upstream:    Upstream{Timeout: 30 * time.Second, DialTimeout: 3 * time.Second, MaxConns: 1024},
-		DataDir:     "./gatehouse-data",
-		NATS:        NATS{EmbeddedListen: "127.0.0.1:4222", PingInterval: 2 * time.Second},
-		Identity:    Identity{Header: "X-Customer-Id"},
-		Unmatched:   "allow",
+		Listen:       ":8080",
+		AdminListen:  "127.0.0.1:9901",
+		Upstream:     Upstream{Timeout: 30 * time.Second, DialTimeout: 3 * time.Second, MaxConns: 1024},
+		DataDir:      "./gatehouse-data",
+		NATS:         NATS{EmbeddedListen: "127.0.0.1:4222", PingInterval: 2 * time.Second},
+		Identity:     Identity{Header: "X-Customer-Id"},
+		Entitlements: Entitlements{CacheSize: 100_000},
+		Unmatched:    "allow",
 		Server: Server{
 			ReadTimeout: 60 * time.Second, WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second,
 			ShutdownTimeout: 15 * time.Second, MaxHeaderBytes: 16 << 10, MaxBodyBytes: 10 << 20,

@@ -69,7 +69,7 @@ func TestParseFull(t *testing.T) {
 			EmbeddedListen: "127.0.0.1:4223", Credentials: "/etc/gatehouse/sidecar.creds", PingInterval: 5 * time.Second,
 		},
 		Identity:     Identity{Header: "X-Customer-Id", APIKey: &APIKey{Header: "Authorization", Scheme: "Bearer"}},
-		Entitlements: Entitlements{File: "/etc/gatehouse/snapshots.ndjson"},
+		Entitlements: Entitlements{File: "/etc/gatehouse/snapshots.ndjson", CacheSize: 50000},
 		Unmatched:    "deny",
 		Shadow:       true,
 		Routes: []Route{
@@ -108,8 +108,8 @@ func TestParseFull(t *testing.T) {
 			},
 		},
 	}
-	if got.lines["routes[1].features[0].max_cost"] != 40 {
-		t.Errorf("line of routes[1].features[0].max_cost = %d, want 40", got.lines["routes[1].features[0].max_cost"])
+	if got.lines["routes[1].features[0].max_cost"] != 41 {
+		t.Errorf("line of routes[1].features[0].max_cost = %d, want 41", got.lines["routes[1].features[0].max_cost"])
 	}
 	got.lines = nil
 	if !reflect.DeepEqual(got, want) {

@@ -68,6 +68,9 @@ func (c *Config) problems() []Problem {
 	v.routes(c)
 	v.server(&c.Server)
 	v.usage(&c.Usage)
+	if c.Entitlements.CacheSize < 1 {
+		v.add("entitlements.cache_size", "must be > 0 (got %d)", c.Entitlements.CacheSize)
+	}
 	v.oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
 	v.oneOf("log.format", c.Log.Format, "json", "console")
 	v.flexprice(&c.Flexprice)

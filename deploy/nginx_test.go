@@ -147,7 +147,7 @@ func startNginxSidecar(t *testing.T, upstream string) *sidecar.Sidecar {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc, err := sidecar.New(sidecar.Options{Config: cfg, Log: testutil.Logger(t), Snapshots: snaps})
+	sc, err := sidecar.New(sidecar.Options{Config: cfg, Log: testutil.Logger(t), Snapshots: snaps, Standalone: true})
 	if err != nil {
 		t.Fatal(err)
 	}

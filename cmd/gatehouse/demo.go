@@ -9,11 +9,13 @@ import (
 	"net"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/gatehouse-dev/gatehouse/config"
 	"github.com/gatehouse-dev/gatehouse/internal/echo"
 	"github.com/gatehouse-dev/gatehouse/internal/sidecar"
 	"github.com/gatehouse-dev/gatehouse/limiter"
+	"go.uber.org/zap"
 )
 
 var (
@@ -27,6 +29,7 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs := flags("demo", stderr)
 	listen := fs.String("listen", "127.0.0.1:8080", "proxy listen address")
 	admin := fs.String("admin", "127.0.0.1:9901", "admin listen address (empty: off)")
+	natsAddr := fs.String("nats", "127.0.0.1:4222", "embedded NATS client address (port 0: any free port)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -41,7 +44,7 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return fmt.Errorf("demo config: %w", err)
 	}
-	cfg.Listen, cfg.AdminListen = *listen, *admin
+	cfg.Listen, cfg.AdminListen, cfg.NATS.EmbeddedListen = *listen, *admin, *natsAddr
 	cfg.Upstream.URL = "http://" + upLn.Addr().String()
 	dir, err := os.MkdirTemp("", "gatehouse-demo-")
 	if err != nil {
@@ -56,20 +59,30 @@ func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return fmt.Errorf("demo entitlements: %w", err)
 	}
-	log, err := newLogger(cfg.Log, stderr)
+	log, access, err := newLogger(cfg.Log, stderr)
 	if err != nil {
 		return err
 	}
-	return serve(ctx, cfg, snaps, log, func(sc *sidecar.Sidecar) {
-		fmt.Fprint(stdout, demoHelp(sc.Addr().String(), cfg.Upstream.URL))
+	return serve(ctx, cfg, snaps, log, access, func(sc *sidecar.Sidecar) {
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if err := sc.WaitReady(wctx); err != nil {
+			log.Warn("replica not ready yet", zap.Error(err))
+		}
+		help := demoHelp(sc.Addr().String(), cfg.Upstream.URL, sc.NATS.ClientURL(), dir)
+		if a := sc.AdminAddr(); a != nil {
+			help = strings.ReplaceAll(help, "ADMIN", a.String())
+		}
+		fmt.Fprint(stdout, help)
 	})
 }
 
-func demoHelp(addr, upstream string) string {
-	r := strings.NewReplacer("ADDR", addr, "UPSTREAM", upstream)
+func demoHelp(addr, upstream, natsURL, dir string) string {
+	r := strings.NewReplacer("ADDR", addr, "UPSTREAM", upstream, "NATSURL", natsURL, "DATADIR", dir)
 	return r.Replace(`
 gatehouse demo: a sidecar on http://ADDR in front of an echo upstream on UPSTREAM.
-Customers: acme (small limits) and globex. Try, in another terminal:
+Embedded NATS with JetStream on NATSURL; Badger and NATS data under DATADIR.
+Customers: acme (small limits) and globex, pushed into the entitlement bucket. Try, in another terminal:
 
   # allowed: the upstream sees X-Customer-Id and the static X-Support-Tier: 24/7
   curl -i http://ADDR/v1/hello -H 'X-Customer-Id: acme'
@@ -90,6 +103,13 @@ Customers: acme (small limits) and globex. Try, in another terminal:
   # no identity: 401 customer_missing; unknown customer: 403 customer_unknown
   curl -i http://ADDR/v1/hello
   curl -i http://ADDR/v1/hello -H 'X-Customer-Id: nobody'
+
+  # what the sidecar knows of acme: entitlements, usage per window, remaining
+  curl -s http://ADMIN/v1/customers/acme
+
+  # usage published to JetStream (flushed every second), from another shell in this repo
+  printf 'upstream:\n  url: http://127.0.0.1:1\nnats:\n  urls: [NATSURL]\n' > /tmp/gatehouse-demo.yaml
+  go run ./cmd/gatehouse usage -config /tmp/gatehouse-demo.yaml
 
 Press Ctrl-C to stop.
 `)

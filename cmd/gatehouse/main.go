@@ -36,10 +36,14 @@ func usageErr(format string, args ...any) error {
 const usageText = `gatehouse: edge entitlement enforcement
 
 Usage:
-  gatehouse serve -config FILE          run the sidecar
-  gatehouse demo                        run a sidecar with example entitlements and an echo upstream
-  gatehouse check-config -config FILE   validate a configuration file and exit
-  gatehouse version                     print the version
+  gatehouse serve -config FILE                  run the sidecar
+  gatehouse demo                                run a sidecar with embedded NATS, example entitlements and an echo upstream
+  gatehouse check-config -config FILE           validate a configuration file and exit
+  gatehouse push -config FILE -f SNAPSHOTS      write snapshots (JSON array or NDJSON) into the entitlement bucket
+  gatehouse push -config FILE -delete CUSTOMER  revoke a customer
+  gatehouse usage -config FILE [-json]          print published usage per customer, feature and window
+  gatehouse bridge flexprice -config FILE       sync entitlements from Flexprice and usage to it
+  gatehouse version                             print the version
 `
 
 func main() {
@@ -70,6 +74,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdDemo(ctx, args, stdout, stderr)
 	case "check-config":
 		return cmdCheckConfig(args, stdout, stderr)
+	case "push":
+		return cmdPush(ctx, args, stdout, stderr)
+	case "usage":
+		return cmdUsage(ctx, args, stdout, stderr)
+	case "bridge":
+		return cmdBridge(ctx, args, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "gatehouse", version)
 		return nil
@@ -129,11 +139,12 @@ func cmdCheckConfig(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-// newLogger builds the process logger from the log section.
-func newLogger(l config.Log, stderr io.Writer) (*zap.Logger, error) {
+// newLogger builds the process logger from the log section, and the access logger,
+// which is not sampled and ignores log.level.
+func newLogger(l config.Log, stderr io.Writer) (log, access *zap.Logger, err error) {
 	level, err := zapcore.ParseLevel(l.Level)
 	if err != nil {
-		return nil, usageErr("log.level: %v", err)
+		return nil, nil, usageErr("log.level: %v", err)
 	}
 	encCfg := zap.NewProductionEncoderConfig()
 	encCfg.TimeKey = "ts"
@@ -146,8 +157,9 @@ func newLogger(l config.Log, stderr io.Writer) (*zap.Logger, error) {
 	} else {
 		enc = zapcore.NewJSONEncoder(encCfg)
 	}
-	core := zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(stderr)), level)
+	out := zapcore.Lock(zapcore.AddSync(stderr))
+	core := zapcore.NewCore(enc, out, level)
 	// Sampling keeps a flood of identical hot-path messages from costing the proxy.
 	core = zapcore.NewSamplerWithOptions(core, 1e9, 100, 100)
-	return zap.New(core), nil
+	return zap.New(core), zap.New(zapcore.NewCore(enc, out, zapcore.InfoLevel)), nil
 }

@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -122,7 +124,7 @@ func TestDemo(t *testing.T) {
 	var out syncBuffer
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, []string{"demo", "-listen", "127.0.0.1:0", "-admin", "127.0.0.1:0"}, &out, io.Discard)
+		done <- run(ctx, []string{"demo", "-listen", "127.0.0.1:0", "-admin", "127.0.0.1:0", "-nats", "127.0.0.1:0"}, &out, io.Discard)
 	}()
 	defer func() {
 		cancel()
@@ -196,6 +198,43 @@ func TestDemo(t *testing.T) {
 	}
 	if resp, body := do("GET", "/v1/hello", "nobody"); resp.StatusCode != 403 || !strings.Contains(body, "customer_unknown") {
 		t.Errorf("unknown: %d %s", resp.StatusCode, body)
+	}
+
+	// The usage reaches JetStream: `gatehouse usage` against the demo's embedded NATS
+	// shows exactly what was admitted, with the soft limit's overage.
+	natsURL := regexp.MustCompile(`Embedded NATS with JetStream on (nats://[0-9.:]+)`).FindStringSubmatch(out.String())
+	if natsURL == nil {
+		t.Fatalf("demo did not print its NATS URL:\n%s", out.String())
+	}
+	cfgPath := writeFile(t, "usage.yaml", "upstream:\n  url: http://127.0.0.1:1\nnats:\n  urls: ["+natsURL[1]+"]\n")
+	want := map[string][2]int64{"api_calls": {2, 0}, "reports": {3, 0}, "exports": {4, 2}, "tokens": {42, 0}}
+	var got map[string][2]int64
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		var usageOut bytes.Buffer
+		if err := run(context.Background(), []string{"usage", "-config", cfgPath, "-json"}, &usageOut, io.Discard); err != nil {
+			t.Fatalf("usage: %v", err)
+		}
+		var totals []struct {
+			CustomerID string `json:"customer_id"`
+			Feature    string `json:"feature"`
+			Quantity   int64  `json:"quantity"`
+			Overage    int64  `json:"overage"`
+		}
+		if err := json.Unmarshal(usageOut.Bytes(), &totals); err != nil {
+			t.Fatalf("usage -json: %v\n%s", err, usageOut.String())
+		}
+		got = map[string][2]int64{}
+		for _, tt := range totals {
+			if tt.CustomerID == "acme" {
+				got[tt.Feature] = [2]int64{tt.Quantity, tt.Overage}
+			}
+		}
+		if fmt.Sprint(got) == fmt.Sprint(want) {
+			break
+		}
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("published usage of acme = %v, want %v", got, want)
 	}
 }
 

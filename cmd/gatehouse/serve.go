@@ -21,24 +21,29 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(cfg.Log, stderr)
+	log, access, err := newLogger(cfg.Log, stderr)
 	if err != nil {
 		return err
 	}
 	defer log.Sync() //nolint:errcheck
-	return serve(ctx, cfg, nil, log, nil)
+	var waitReloader func()
+	err = serve(ctx, cfg, nil, log, access, func(sc *sidecar.Sidecar) { waitReloader = startReloader(ctx, sc, *path) })
+	if waitReloader != nil {
+		waitReloader()
+	}
+	return err
 }
 
 // serve runs a sidecar until ctx is done, then shuts it down within the configured
 // deadline. started, when set, is called once the sidecar serves.
-func serve(ctx context.Context, cfg *config.Config, snaps []*limiter.Snapshot, log *zap.Logger, started func(*sidecar.Sidecar)) error {
+func serve(ctx context.Context, cfg *config.Config, snaps []*limiter.Snapshot, log, access *zap.Logger, started func(*sidecar.Sidecar)) error {
 	if snaps == nil && cfg.Entitlements.File != "" {
 		var err error
 		if snaps, err = loadSnapshots(cfg.Entitlements.File); err != nil {
 			return &exitError{code: 2, err: err}
 		}
 	}
-	sc, err := sidecar.New(sidecar.Options{Config: cfg, Log: log, Snapshots: snaps})
+	sc, err := sidecar.New(sidecar.Options{Config: cfg, Log: log, AccessLog: access, Snapshots: snaps})
 	if err != nil {
 		return err
 	}

@@ -92,7 +92,7 @@ func startAdmSidecar(t testing.TB, cfgYAML string, log *zap.Logger) *admSidecar 
 	if log == nil {
 		log = zap.NewNop()
 	}
-	s, err := New(Options{Config: cfg, Log: log, Snapshots: snaps})
+	s, err := New(Options{Config: cfg, Log: log, Snapshots: snaps, Standalone: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
-// Package sidecar assembles one gatehouse sidecar from its configuration: the limiter,
-// the entitlement source, the proxy and the admin listener. cmd/gatehouse runs it, and
-// tests that need a whole sidecar in process start it here.
+// Package sidecar assembles one gatehouse sidecar from its configuration: the Badger
+// store, the NATS connection (an embedded server by default), the entitlement replica,
+// the usage outbox, the limiter, the proxy and the admin listener. cmd/gatehouse runs it,
+// and tests that need a whole sidecar in process start it here.
 //
 // It owns the start and stop order of the parts; it decides nothing itself.
 package sidecar
@@ -17,6 +18,10 @@ import (
 	"github.com/gatehouse-dev/gatehouse/config"
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/gatehouse-dev/gatehouse/proxy"
+	"github.com/gatehouse-dev/gatehouse/sync/natsd"
+	"github.com/gatehouse-dev/gatehouse/sync/replica"
+	"github.com/gatehouse-dev/gatehouse/sync/store"
+	"github.com/gatehouse-dev/gatehouse/sync/usage"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
@@ -25,10 +30,21 @@ import (
 type Options struct {
 	Config *config.Config
 	Log    *zap.Logger
-	// Snapshots, when set, are served instead of those of entitlements.file (the demo
-	// and tests pass them directly).
+	// AccessLog receives the access log (log.access_log); nil: Log. Give it a logger
+	// without sampling.
+	AccessLog *zap.Logger
+	// Snapshots, when set, are pushed into the entitlement bucket at start instead of
+	// those of entitlements.file (the demo and tests pass them directly).
 	Snapshots []*limiter.Snapshot
+	// Standalone runs without NATS or Badger: Snapshots (or entitlements.file) are
+	// served from memory and usage is counted in memory only. For tests of the HTTP
+	// surface; production sidecars never run this way.
+	Standalone bool
 }
+
+// seedTimeout bounds pushing entitlements.file into the bucket at start, so that a
+// sidecar whose NATS is away still starts and serves its Badger replica.
+const seedTimeout = 10 * time.Second
 
 // Sidecar is a running gatehouse.
 type Sidecar struct {
@@ -38,6 +54,11 @@ type Sidecar struct {
 	Source   limiter.Source
 	Proxy    *proxy.Proxy
 	Registry *prometheus.Registry
+	Store    *store.Store     // nil when standalone
+	NATS     *natsd.Conn      // nil when standalone
+	Replica  *replica.Replica // nil when standalone
+	Usage    *usage.Recorder  // nil when standalone
+	seed     []*limiter.Snapshot
 
 	ln, adminLn net.Listener
 	admin       *adminServer
@@ -45,44 +66,118 @@ type Sidecar struct {
 	stop        context.CancelFunc
 	closeOnce   sync.Once
 	closeErr    error
+	closers     []func(context.Context) error // in the order Close runs them
 }
 
-// New builds a sidecar and binds its listeners; Start serves.
-func New(opts Options) (*Sidecar, error) {
+// New builds a sidecar: it opens the store, connects to NATS, loads the replica and
+// restores the usage counters, and binds the listeners. Start serves.
+func New(opts Options) (s *Sidecar, err error) {
 	cfg, log := opts.Config, opts.Log
 	if log == nil {
 		log = zap.NewNop()
 	}
-	s := &Sidecar{cfg: cfg, log: log, Limiter: limiter.New(), Registry: prometheus.NewRegistry()}
-	snaps := opts.Snapshots
-	if snaps == nil && cfg.Entitlements.File != "" {
-		var err error
-		if snaps, err = LoadSnapshots(cfg.Entitlements.File); err != nil {
+	s = &Sidecar{cfg: cfg, log: log, Limiter: limiter.New(), Registry: prometheus.NewRegistry()}
+	defer func() {
+		if err != nil {
+			s.closeParts(context.Background())
+		}
+	}()
+	s.seed = opts.Snapshots
+	if s.seed == nil && cfg.Entitlements.File != "" {
+		if s.seed, err = LoadSnapshots(cfg.Entitlements.File); err != nil {
 			return nil, err
 		}
 	}
-	s.Source = limiter.NewMemorySource(snaps...)
+	var recorder proxy.Recorder
+	if opts.Standalone {
+		s.Source = limiter.NewMemorySource(s.seed...)
+	} else {
+		if err := s.openSync(); err != nil {
+			return nil, err
+		}
+		s.Source, recorder = s.Replica, s.Usage
+	}
 
 	metrics := proxy.NewMetrics()
 	if err := metrics.Register(s.Registry); err != nil {
 		return nil, err
 	}
-	p, err := proxy.New(proxy.Options{Config: cfg, Source: s.Source, Limiter: s.Limiter, Log: log, Metrics: metrics})
+	s.Proxy, err = proxy.New(proxy.Options{
+		Config: cfg, Source: s.Source, Limiter: s.Limiter, Recorder: recorder,
+		Log: log, AccessLog: opts.AccessLog, Metrics: metrics,
+	})
 	if err != nil {
 		return nil, err
 	}
-	s.Proxy = p
 	if s.ln, err = proxy.Listen(cfg.Listen); err != nil {
 		return nil, err
 	}
+	s.closers = append([]func(context.Context) error{func(context.Context) error { s.ln.Close(); return nil }}, s.closers...)
 	if cfg.AdminListen != "" {
 		if s.adminLn, err = proxy.Listen(cfg.AdminListen); err != nil {
-			s.ln.Close()
 			return nil, err
 		}
 		s.admin = newAdmin(s)
 	}
+	if err := s.attach(s.parts()); err != nil {
+		return nil, err
+	}
 	return s, nil
+}
+
+// openSync opens the store, NATS, the replica and the usage recorder, in that order,
+// and restores the limiter's counters from the store.
+func (s *Sidecar) openSync() error {
+	cfg, log := s.cfg, s.log
+	st, err := store.Open(store.Options{Dir: cfg.DataDir, Log: log})
+	if err != nil {
+		return err
+	}
+	s.Store = st
+	s.closers = append(s.closers, func(context.Context) error { return st.Close() })
+	// Give the parts that take a context a long one: Close stops them.
+	ctx := context.Background()
+	nc, err := natsd.Connect(ctx, natsd.Options{
+		URLs: cfg.NATS.URLs, EmbeddedListen: cfg.NATS.EmbeddedListen, DataDir: cfg.DataDir,
+		PingInterval: cfg.NATS.PingInterval, Credentials: cfg.NATS.Credentials, Log: log,
+		Name: "gatehouse-" + st.SidecarID(),
+	})
+	if err != nil {
+		return err
+	}
+	s.NATS = nc
+	s.closers = append([]func(context.Context) error{func(context.Context) error { return nc.Close() }}, s.closers...)
+
+	rep, err := replica.New(replica.Options{JS: nc.JS(), Store: st, Log: log, CacheSize: cfg.Entitlements.CacheSize})
+	if err != nil {
+		return err
+	}
+	s.Replica = rep
+	s.closers = append([]func(context.Context) error{func(context.Context) error { return rep.Close() }}, s.closers...)
+
+	rec, err := usage.New(usage.Options{
+		Store: st, JS: nc.JS(), Log: log, FlushInterval: cfg.Usage.FlushInterval,
+		StreamReplicas: cfg.Usage.StreamReplicas, MaxOutboxBytes: cfg.Usage.MaxOutboxBytes,
+	})
+	if err != nil {
+		return err
+	}
+	s.Usage = rec
+	s.closers = append([]func(context.Context) error{rec.Close}, s.closers...)
+	if err := rec.Restore(s.Limiter); err != nil {
+		return fmt.Errorf("restore usage counters: %w", err)
+	}
+	return nil
+}
+
+// closeParts closes what New opened, newest first.
+func (s *Sidecar) closeParts(ctx context.Context) error {
+	var errs []error
+	for _, c := range s.closers {
+		errs = append(errs, c(ctx))
+	}
+	s.closers = nil
+	return errors.Join(errs...)
 }
 
 // LoadSnapshots reads a snapshot file (JSON array or NDJSON); every bad snapshot is
@@ -111,9 +206,21 @@ func (s *Sidecar) AdminAddr() net.Addr {
 	return s.adminLn.Addr()
 }
 
-// Start serves the proxy and the admin listener in the background.
+// Start starts the replica's watch and the usage publisher, pushes the seed snapshots
+// into the bucket, and serves the proxy and the admin listener in the background.
 func (s *Sidecar) Start(ctx context.Context) error {
 	ctx, s.stop = context.WithCancel(ctx)
+	if s.Replica != nil {
+		if err := s.Replica.Start(ctx); err != nil {
+			return err
+		}
+		if err := s.Usage.Start(ctx); err != nil {
+			return err
+		}
+		if len(s.seed) > 0 {
+			s.pushSeed(ctx)
+		}
+	}
 	s.serve("proxy", func() error { return s.Proxy.Serve(s.ln) })
 	if s.admin != nil {
 		s.serve("admin", func() error { return s.admin.serve(s.adminLn) })
@@ -123,9 +230,43 @@ func (s *Sidecar) Start(ctx context.Context) error {
 		defer s.wg.Done()
 		s.maintain(ctx)
 	}()
-	s.log.Info("gatehouse serving", zap.Stringer("listen", s.Addr()), zap.Stringer("admin", s.AdminAddr()),
-		zap.String("upstream", s.cfg.Upstream.URL))
+	admin := "off"
+	if a := s.AdminAddr(); a != nil {
+		admin = a.String()
+	}
+	fields := []zap.Field{zap.Stringer("listen", s.Addr()), zap.String("admin", admin), zap.String("upstream", s.cfg.Upstream.URL)}
+	if s.NATS != nil {
+		fields = append(fields, zap.String("nats", s.NATS.ClientURL()), zap.Bool("nats_embedded", s.NATS.Embedded()),
+			zap.String("sidecar_id", s.Store.SidecarID()))
+	}
+	s.log.Info("gatehouse serving", fields...)
 	return nil
+}
+
+// pushSeed writes the seed snapshots into the bucket (only those that changed). A
+// failure is logged: the replica still serves what it has.
+func (s *Sidecar) pushSeed(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, seedTimeout)
+	defer cancel()
+	kv, err := replica.EnsureBucket(ctx, s.NATS.JS())
+	if err == nil {
+		var res replica.PushResult
+		res, err = replica.PushSnapshots(ctx, kv, s.seed, s.log)
+		if err == nil {
+			s.log.Info("entitlements pushed from the seed", zap.Any("result", res))
+			return
+		}
+	}
+	s.log.Warn("could not push entitlements into the bucket; serving the replica as it is", zap.Error(err))
+}
+
+// WaitReady waits until the replica has caught up with the bucket (at once when
+// standalone).
+func (s *Sidecar) WaitReady(ctx context.Context) error {
+	if s.Replica == nil {
+		return nil
+	}
+	return s.Replica.WaitReady(ctx)
 }
 
 func (s *Sidecar) serve(name string, fn func() error) {
@@ -159,8 +300,9 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 	return s.Proxy.Reload(cfg)
 }
 
-// Close stops the sidecar: no new connections, requests in flight finish until ctx is
-// done. It is safe to call twice.
+// Close stops the sidecar: no new connections; requests in flight finish, and the
+// usage outbox publishes what it can, until ctx is done; then the replica, NATS and the
+// store close. It is safe to call twice.
 func (s *Sidecar) Close(ctx context.Context) error {
 	s.closeOnce.Do(func() {
 		var errs []error
@@ -172,7 +314,28 @@ func (s *Sidecar) Close(ctx context.Context) error {
 			s.stop()
 		}
 		s.wg.Wait()
+		errs = append(errs, s.closeParts(ctx))
 		s.closeErr = errors.Join(errs...)
 	})
 	return s.closeErr
+}
+
+// parts describes the replica and the usage outbox to the admin listener and metrics.
+func (s *Sidecar) parts() Parts {
+	var p Parts
+	if r := s.Replica; r != nil {
+		p.Replica = &ReplicaView{Resync: r.Resync, Stats: func() ReplicaStats {
+			st := r.Stats()
+			return ReplicaStats{Revision: st.Revision, Applied: st.Applied, Rejected: st.Rejected,
+				CaughtUp: st.CaughtUp, LastContact: st.LastContact, Staleness: st.Staleness}
+		}}
+	}
+	if u := s.Usage; u != nil {
+		p.Usage = &UsageView{Stats: func() UsageStats {
+			st := u.Stats()
+			return UsageStats{OutboxBytes: int64(st.OutboxBytes), OutboxBatches: int64(st.OutboxBatches),
+				PublishErrors: uint64(st.PublishErrors), AtBound: st.AtBound}
+		}}
+	}
+	return p
 }
