@@ -236,7 +236,7 @@ func (l *Limiter) Reserve(s *Snapshot, uses []Use, now time.Time, force bool, r 
 	r.snap, r.n, r.dirty = s, len(uses), max(r.dirty, len(uses))
 	// First every gate, so that a refusal takes nothing from any counter.
 	for i := range uses {
-		f := s.featureByID(uses[i].ID, uses[i].Feature)
+		f := s.FeatureByID(uses[i].ID, uses[i].Feature)
 		if f == nil || !f.Enabled {
 			if d.Reason == OK {
 				d = Decision{Reason: FeatureNotEntitled, Feature: uses[i].Feature}

@@ -119,9 +119,9 @@ func (s *Snapshot) Feature(key string) *Feature {
 	return s.Features[key]
 }
 
-// featureByID returns the feature interned as id (see FeatureID), or the one named key
-// when the snapshot was built without an index.
-func (s *Snapshot) featureByID(id int32, key string) *Feature {
+// FeatureByID returns the feature interned as id (see FeatureID), or the one named key
+// when id is 0 or the snapshot was built without an index. It hashes nothing.
+func (s *Snapshot) FeatureByID(id int32, key string) *Feature {
 	if id == 0 || (s.ids == nil && len(s.Features) > 0) {
 		return s.Features[key]
 	}

@@ -174,12 +174,7 @@ func (p *Proxy) checkAllow(ctx *fasthttp.RequestCtx, e checkEndpoint, t *table, 
 	ctx.SetStatusCode(fasthttp.StatusOK)
 	h := &ctx.Response.Header
 	if o.snap != nil {
-		h.Set(t.customerHdr, o.snap.CustomerID)
-		for _, sh := range o.route.headers {
-			if f := o.snap.Features[sh.feature]; f != nil && f.Enabled && f.HeaderValue != "" {
-				h.Set(sh.name, f.HeaderValue)
-			}
-		}
+		setIdentity(h, t, o.route, o.snap)
 	}
 	if e == checkEnvoy {
 		// Envoy adds the headers above upstream but leaves a client's copy of one that

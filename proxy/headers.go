@@ -3,6 +3,9 @@ package proxy
 import (
 	"bytes"
 	"crypto/sha256"
+	"unsafe"
+
+	"github.com/gatehouse-dev/gatehouse/limiter"
 
 	"github.com/valyala/fasthttp"
 )
@@ -31,22 +34,63 @@ func connectionTokens(v []byte, fn func(name []byte)) {
 	}
 }
 
+// maxStrip bounds the headers one pass can mark for removal; more take the slow path.
+const maxStrip = 16
+
 // stripRequest removes from a request everything a client may not pass to the upstream:
 // hop-by-hop headers, every header that Connection names, and the headers gatehouse sets.
+// One pass over the headers finds what is there (usually nothing), so a clean request
+// costs a scan, not a delete per name. Header names are canonical (fasthttp normalises
+// them), so they compare byte for byte.
 func stripRequest(h *fasthttp.RequestHeader, t *table) {
-	for _, v := range h.PeekAll("Connection") {
-		connectionTokens(v, func(name []byte) { h.DelBytes(name) })
+	var found [maxStrip][]byte
+	n, slow := 0, false
+	for k := range h.All() {
+		name := matchName(k, t.strip)
+		if name == nil {
+			name = matchName(k, hopByHop)
+		}
+		if name == nil {
+			continue
+		}
+		if n == len(found) || bytes.Equal(name, connectionKey) {
+			slow = true
+			break
+		}
+		found[n] = name
+		n++
 	}
-	for _, name := range hopByHop {
+	if slow {
+		for _, v := range h.PeekAll("Connection") {
+			connectionTokens(v, func(name []byte) { h.DelBytes(name) })
+		}
+		for _, name := range hopByHop {
+			h.DelBytes(name)
+		}
+		for _, name := range t.strip {
+			h.DelBytes(name)
+		}
+		return
+	}
+	for _, name := range found[:n] {
 		h.DelBytes(name)
 	}
-	for _, name := range t.strip {
-		h.DelBytes(name)
-	}
+	// fasthttp keeps Transfer-Encoding apart from the other headers.
+	h.DelBytes(transferEncodingKey)
 }
 
 // stripResponse removes hop-by-hop headers from the upstream's response.
 func stripResponse(h *fasthttp.ResponseHeader) {
+	present := false
+	for k := range h.All() {
+		if matchName(k, hopByHop) != nil {
+			present = true
+			break
+		}
+	}
+	if !present {
+		return
+	}
 	for _, v := range h.PeekAll("Connection") {
 		connectionTokens(v, func(name []byte) { h.DelBytes(name) })
 	}
@@ -54,6 +98,41 @@ func stripResponse(h *fasthttp.ResponseHeader) {
 		h.DelBytes(name)
 	}
 }
+
+var (
+	connectionKey       = []byte("Connection")
+	transferEncodingKey = []byte("Transfer-Encoding")
+)
+
+// matchName returns the one of names equal to k, or nil.
+func matchName(k []byte, names [][]byte) []byte {
+	for _, n := range names {
+		if len(n) == len(k) && bytes.Equal(n, k) {
+			return n
+		}
+	}
+	return nil
+}
+
+// headerSetter is what a request header and a response header share: the check
+// endpoints set on their response what the proxy sets on the forwarded request.
+type headerSetter interface {
+	SetCanonical(key, value []byte)
+}
+
+// setIdentity sets the customer id and the route's static values as headers.
+func setIdentity(h headerSetter, t *table, r *route, s *limiter.Snapshot) {
+	h.SetCanonical(t.customerKey, s2b(s.CustomerID))
+	for i := range r.headers {
+		sh := &r.headers[i]
+		if f := s.FeatureByID(sh.id, sh.feature); f != nil && f.Enabled && f.HeaderValue != "" {
+			h.SetCanonical(sh.key, s2b(f.HeaderValue))
+		}
+	}
+}
+
+// s2b views an immutable string as bytes, for fasthttp calls that copy their argument.
+func s2b(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }
 
 // identity is how a request named its customer.
 type identity uint8

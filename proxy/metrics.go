@@ -236,8 +236,10 @@ func (m *Metrics) decided(o *outcome, start time.Time, timed bool) {
 // checked counts a request to a check endpoint.
 func (m *Metrics) checked(e checkEndpoint, result uint8) { m.checks[e][result].Inc() }
 
-func (m *Metrics) upstream(status int, err error, took time.Duration) {
-	m.UpstreamSeconds.Observe(took.Seconds())
+func (m *Metrics) upstream(status int, err error, start time.Time) {
+	if !start.IsZero() {
+		m.UpstreamSeconds.Observe(time.Since(start).Seconds())
+	}
 	if err != nil {
 		if ne, ok := err.(net.Error); ok && ne.Timeout() {
 			m.errs[1].Inc()

@@ -81,9 +81,11 @@ type reqState struct {
 	buf     []byte
 	policy  []byte
 	limit   []byte
+	ident   []byte // the identity header's value, kept across stripping
 	keySum  [32]byte
 	forward [limiter.MaxRouteFeatures]*limiter.Feature
 	timing  uint32 // decisions until the next one timed (Metrics.startTiming)
+	timed   bool   // this request is timed
 }
 
 // New builds a Proxy; it does not listen yet.

@@ -275,7 +275,10 @@ func TestUnmatched(t *testing.T) {
 			h := startDefault(t, func(c *config.Config) { c.Unmatched = policy })
 			r := h.do("GET", "/v2/anything", "X-Customer-Id", "cust_acme")
 			if policy == "allow" {
-				r.forwarded(t, 200)
+				// The trusted identity header still names the customer upstream.
+				if v, ok := upstreamHeader(r.forwarded(t, 200), "X-Customer-Id"); !ok || v != "cust_acme" {
+					t.Errorf("unmatched request reached the upstream with X-Customer-Id %q (present %v), want cust_acme", v, ok)
+				}
 				// No identity needed on an unmatched route.
 				h.do("GET", "/v2/anything").forwarded(t, 200)
 				if n := h.hits(); n != 2 {
@@ -293,6 +296,18 @@ func TestUnmatched(t *testing.T) {
 				t.Errorf("%d refused requests reached the upstream", n)
 			}
 		})
+	}
+}
+
+// TestUnmatchedWithAPIKeys: with API keys, a client cannot name a customer upstream on a
+// route that is not checked.
+func TestUnmatchedWithAPIKeys(t *testing.T) {
+	h := startDefault(t, func(c *config.Config) {
+		c.Identity.APIKey = &config.APIKey{Header: "Authorization", Scheme: "Bearer"}
+	})
+	e := h.do("GET", "/v2/anything", "X-Customer-Id", "cust_acme").forwarded(t, 200)
+	if v, ok := upstreamHeader(e, "X-Customer-Id"); ok {
+		t.Errorf("client-sent X-Customer-Id %q reached the upstream", v)
 	}
 }
 

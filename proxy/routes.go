@@ -84,7 +84,9 @@ type routeFeature struct {
 
 type staticHeader struct {
 	name    string
+	key     []byte // name, canonical
 	feature string
+	id      int32 // limiter.FeatureID(feature)
 }
 
 // table is the compiled routing configuration, swapped whole on reload.
@@ -94,6 +96,7 @@ type table struct {
 	shadowAll    bool
 	strip        [][]byte // request headers a client may not send: gatehouse sets them
 	customerHdr  string   // header the customer id is forwarded in
+	customerKey  []byte   // customerHdr, canonical
 	identityHdr  []byte   // header that names the customer, nil when API keys identify
 	apiKeyHdr    []byte
 	apiKeyScheme []byte
@@ -116,6 +119,7 @@ func compile(cfg *config.Config) (*table, error) {
 	} else {
 		t.identityHdr = []byte(cfg.Identity.Header)
 	}
+	t.customerKey = []byte(canonical(t.customerHdr))
 	strip := map[string]bool{canonical(t.customerHdr): true, "X-Forwarded-For": true}
 	for i, rc := range cfg.Routes {
 		p, err := parsePattern(rc.Path)
@@ -148,7 +152,7 @@ func compile(cfg *config.Config) (*table, error) {
 			r.features = append(r.features, rf)
 		}
 		for name, feature := range rc.Headers {
-			r.headers = append(r.headers, staticHeader{name: name, feature: feature})
+			r.headers = append(r.headers, staticHeader{name: name, key: []byte(canonical(name)), feature: feature, id: limiter.FeatureID(feature)})
 			strip[canonical(name)] = true
 		}
 		t.routes = append(t.routes, r)
