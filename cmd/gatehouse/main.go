@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/gatehouse-dev/gatehouse/config"
@@ -46,7 +47,15 @@ Usage:
   gatehouse version                             print the version
 `
 
+// defaultMemoryLimit is the soft memory limit the Go runtime keeps to when GOMEMLIMIT
+// is not set: a sidecar shares its pod, and without a limit the heap may grow to twice
+// what is live before a collection.
+const defaultMemoryLimit = 256 << 20
+
 func main() {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(defaultMemoryLimit)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()

@@ -27,7 +27,7 @@ func connectClient(ctx context.Context, cfg *config.Config, log *zap.Logger) (*n
 	if len(urls) == 0 {
 		urls = []string{"nats://" + cfg.NATS.EmbeddedListen}
 	}
-	return natsd.Connect(ctx, natsd.Options{URLs: urls, Credentials: cfg.NATS.Credentials, Log: log, Name: "gatehouse-cli"})
+	return natsd.Connect(ctx, natsd.Options{URLs: urls, Credentials: cfg.NATS.Credentials, Log: log, Name: "gatehouse-cli", FailFast: true})
 }
 
 func cmdPush(ctx context.Context, args []string, stdout, stderr io.Writer) error {

@@ -51,6 +51,9 @@ type Options struct {
 	Log *zap.Logger
 	// Name is the client connection name shown by the server; default "gatehouse".
 	Name string
+	// FailFast makes Connect return an error when no server answers at once, instead
+	// of retrying in the background: for one-shot commands, not for the sidecar.
+	FailFast bool
 
 	// reconnectWait is the pause between reconnect attempts; tests shorten it.
 	reconnectWait time.Duration
@@ -69,7 +72,8 @@ type Conn struct {
 }
 
 // Connect starts the embedded server when opts.URLs is empty, then connects. With URLs it
-// returns at once even when no server answers: the client keeps reconnecting, forever.
+// returns at once even when no server answers (unless FailFast): the client keeps
+// reconnecting, forever.
 func Connect(ctx context.Context, opts Options) (*Conn, error) {
 	log := opts.Log
 	if log == nil {
@@ -92,7 +96,7 @@ func Connect(ctx context.Context, opts Options) (*Conn, error) {
 		nats.ReconnectWait(opts.reconnectWait),
 		nats.PingInterval(opts.PingInterval),
 		nats.MaxPingsOutstanding(2),
-		nats.RetryOnFailedConnect(true),
+		nats.RetryOnFailedConnect(!opts.FailFast),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			log.Warn("disconnected from nats; serving from the local replica", zap.Error(err))
 		}),

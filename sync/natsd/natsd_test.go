@@ -94,6 +94,7 @@ func TestBadOptions(t *testing.T) {
 		{},                                     // embedded without a data dir
 		{DataDir: "x", EmbeddedListen: "nope"}, // no port
 		{URLs: []string{"nats://127.0.0.1:1"}, Credentials: "/does/not/exist.creds"},
+		{URLs: []string{"nats://127.0.0.1:1"}, FailFast: true}, // nothing listens there
 	} {
 		if c, err := Connect(context.Background(), o); err == nil {
 			c.Close()
