@@ -75,17 +75,16 @@ type Proxy struct {
 
 // reqState is the per-request scratch space, pooled so that a request allocates nothing.
 type reqState struct {
-	res     limiter.Reservation
-	uses    [limiter.MaxRouteFeatures]limiter.Use
-	usage   []limiter.Usage
-	buf     []byte
-	policy  []byte
-	limit   []byte
-	ident   []byte // the identity header's value, kept across stripping
-	keySum  [32]byte
-	forward [limiter.MaxRouteFeatures]*limiter.Feature
-	timing  uint32 // decisions until the next one timed (Metrics.startTiming)
-	timed   bool   // this request is timed
+	res    limiter.Reservation
+	uses   [limiter.MaxRouteFeatures]limiter.Use
+	usage  []limiter.Usage
+	buf    []byte
+	policy []byte
+	limit  []byte
+	ident  []byte // the identity header's value, kept across stripping
+	keySum [32]byte
+	timing uint32 // decisions until the next one timed (Metrics.startTiming)
+	timed  bool   // this request is timed
 }
 
 // New builds a Proxy; it does not listen yet.
