@@ -108,6 +108,10 @@ type Server struct {
 
 // Usage configures usage out (DESIGN.md section 7).
 type Usage struct {
+	// Enabled makes committed usage durable and publishes it (default true). Off, usage
+	// is counted in memory only: limits still hold, but not across restarts, and nothing
+	// reaches billing. For measuring the cost of accounting, not for production.
+	Enabled        bool          `yaml:"enabled"`
 	FlushInterval  time.Duration `yaml:"flush_interval"`
 	StreamReplicas int           `yaml:"stream_replicas"`
 	MaxOutboxBytes int64         `yaml:"max_outbox_bytes"`
@@ -155,7 +159,7 @@ func Default() *Config {
 			ShutdownTimeout: 15 * time.Second, MaxHeaderBytes: 16 << 10, MaxBodyBytes: 10 << 20,
 			Concurrency: 256 * 1024,
 		},
-		Usage: Usage{FlushInterval: time.Second, StreamReplicas: 1, MaxOutboxBytes: 256 << 20},
+		Usage: Usage{Enabled: true, FlushInterval: time.Second, StreamReplicas: 1, MaxOutboxBytes: 256 << 20},
 		Log:   Log{Level: "info", Format: "json"},
 		Flexprice: Flexprice{
 			APIURL: "https://us.api.flexprice.io/v1", APIKeyEnv: "FLEXPRICE_API_KEY",

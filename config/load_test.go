@@ -96,7 +96,7 @@ func TestParseFull(t *testing.T) {
 			ReadTimeout: 10 * time.Second, WriteTimeout: 20 * time.Second, IdleTimeout: time.Minute,
 			ShutdownTimeout: 5 * time.Second, MaxHeaderBytes: 32 << 10, MaxBodyBytes: 1 << 20, Concurrency: 1000,
 		},
-		Usage: Usage{FlushInterval: 250 * time.Millisecond, StreamReplicas: 3, MaxOutboxBytes: 1 << 30},
+		Usage: Usage{Enabled: true, FlushInterval: 250 * time.Millisecond, StreamReplicas: 3, MaxOutboxBytes: 1 << 30},
 		Log:   Log{Level: "debug", Format: "console", AccessLog: true},
 		Flexprice: Flexprice{
 			APIURL: "https://eu.api.flexprice.io/v1", APIKeyEnv: "FP_KEY", APIKeyFile: "/run/secrets/flexprice",

@@ -95,7 +95,10 @@ func New(opts Options) (s *Sidecar, err error) {
 		if err := s.openSync(); err != nil {
 			return nil, err
 		}
-		s.Source, recorder = s.Replica, s.Usage
+		s.Source = s.Replica
+		if s.Usage != nil {
+			recorder = s.Usage
+		}
 	}
 
 	metrics := proxy.NewMetrics()
@@ -155,6 +158,10 @@ func (s *Sidecar) openSync() error {
 	s.Replica = rep
 	s.closers = append([]func(context.Context) error{func(context.Context) error { return rep.Close() }}, s.closers...)
 
+	if !cfg.Usage.Enabled {
+		log.Warn("usage accounting is off: usage is counted in memory only and never published")
+		return nil
+	}
 	rec, err := usage.New(usage.Options{
 		Store: st, JS: nc.JS(), Log: log, FlushInterval: cfg.Usage.FlushInterval,
 		StreamReplicas: cfg.Usage.StreamReplicas, MaxOutboxBytes: cfg.Usage.MaxOutboxBytes,
@@ -214,8 +221,10 @@ func (s *Sidecar) Start(ctx context.Context) error {
 		if err := s.Replica.Start(ctx); err != nil {
 			return err
 		}
-		if err := s.Usage.Start(ctx); err != nil {
-			return err
+		if s.Usage != nil {
+			if err := s.Usage.Start(ctx); err != nil {
+				return err
+			}
 		}
 		if len(s.seed) > 0 {
 			s.pushSeed(ctx)
