@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -218,14 +219,69 @@ func openBadger(dir string, budget int64, log *zap.Logger) (db *badger.DB, err e
 	if err := checkTables(dir); err != nil {
 		return nil, err
 	}
+	if err := clearInterruptedOpen(dir, log); err != nil {
+		return nil, err
+	}
 	return badger.Open(badgerOptions(dir, budget, log))
+}
+
+// errLocked is a database another process holds open.
+var errLocked = errors.New("another process is using this data directory")
+
+// clearInterruptedOpen removes the empty memtable (.mem) and value log (.vlog) files that
+// a process killed while Badger was opening leaves behind: Badger creates the next file
+// of each on every open and sizes it afterwards, and refuses to open over an empty one
+// (dgraph-io/badger#2207). An empty file holds no data, so removing it loses nothing;
+// without this, the whole database would be taken for corrupt and moved aside. It holds
+// Badger's directory lock while it looks, so a database open in another process is left
+// alone.
+func clearInterruptedOpen(dir string, log *zap.Logger) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		return fmt.Errorf("%w: %s: %v", errLocked, dir, err)
+	}
+	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck
+	removed := false
+	for _, e := range entries {
+		name := e.Name()
+		if !e.Type().IsRegular() || (!strings.HasSuffix(name, ".mem") && !strings.HasSuffix(name, ".vlog")) {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil || info.Size() != 0 {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			return err
+		}
+		log.Warn("removed an empty file left by an interrupted open", zap.String("file", name))
+		removed = true
+	}
+	if removed {
+		if d, err := os.Open(dir); err == nil {
+			d.Sync() //nolint:errcheck
+			d.Close()
+		}
+	}
+	return nil
 }
 
 // movable reports whether an open error means a damaged database (move it aside and
 // start again) rather than one that is busy or out of reach (report it).
 func movable(err error) bool {
 	msg := err.Error()
-	return !strings.Contains(msg, "Cannot acquire directory lock") &&
+	return !errors.Is(err, errLocked) && !strings.Contains(msg, "Cannot acquire directory lock") &&
 		!errors.Is(err, os.ErrPermission) && !strings.Contains(msg, "permission denied") &&
 		!strings.Contains(msg, "read-only file system") && !strings.Contains(msg, "no space left")
 }
