@@ -22,6 +22,7 @@ type Config struct {
 	Routes       []Route      `yaml:"routes"`
 	Server       Server       `yaml:"server"`
 	Usage        Usage        `yaml:"usage"`
+	Quota        Quota        `yaml:"quota"`
 	Log          Log          `yaml:"log"`
 	Flexprice    Flexprice    `yaml:"flexprice"`
 
@@ -72,13 +73,16 @@ type Entitlements struct {
 // Route maps requests to the features they use. Routes are tried in order; the first
 // match wins.
 type Route struct {
-	Name          string            `yaml:"name"`
-	Method        string            `yaml:"method"` // empty: any method
-	Path          string            `yaml:"path"`   // exact, or ending in /* (one segment) or /** (any depth)
-	Features      []RouteFeature    `yaml:"features"`
-	Headers       map[string]string `yaml:"headers"`        // header name -> static or config feature
-	OnUnavailable string            `yaml:"on_unavailable"` // deny | allow
-	Shadow        bool              `yaml:"shadow"`
+	Name     string            `yaml:"name"`
+	Method   string            `yaml:"method"` // empty: any method
+	Path     string            `yaml:"path"`   // exact, or ending in /* (one segment) or /** (any depth)
+	Features []RouteFeature    `yaml:"features"`
+	Headers  map[string]string `yaml:"headers"` // header name -> static or config feature
+	// OnUnavailable decides when the replica has never synced, or a hard limit's fleet
+	// quota cannot be reached and this sidecar's lease is spent: deny (503 with
+	// Retry-After) or allow (forwarded and counted like any other request).
+	OnUnavailable string `yaml:"on_unavailable"` // deny | allow
+	Shadow        bool   `yaml:"shadow"`
 }
 
 // RouteFeature is one feature a route needs, and what a request costs of it.
@@ -115,6 +119,32 @@ type Usage struct {
 	FlushInterval  time.Duration `yaml:"flush_interval"`
 	StreamReplicas int           `yaml:"stream_replicas"`
 	MaxOutboxBytes int64         `yaml:"max_outbox_bytes"`
+}
+
+// Quota configures fleet-exact hard limits (DESIGN.md section 6): each sidecar admits
+// hard-limited usage only against a lease of the limit taken from the KV bucket
+// Bucket, so that a fleet of sidecars never admits more than the limit between them.
+type Quota struct {
+	// Enabled takes leases for every hard limit (default true). Off, each sidecar
+	// enforces every hard limit alone: a fleet of n sidecars may admit n times the limit.
+	Enabled  bool   `yaml:"enabled"`
+	Bucket   string `yaml:"bucket"`    // KV bucket of the leases; default gatehouse_quota
+	Replicas int    `yaml:"replicas"`  // replicas of the bucket when gatehouse creates it
+	MinLease int64  `yaml:"min_lease"` // smallest lease taken while the limit is far; default 10
+	MaxLease int64  `yaml:"max_lease"` // largest lease taken at once; default 100,000
+	// LeasePeriod is how long a lease lasts at the sidecar's recent rate of use: the
+	// size it aims for, far from the limit (default 2s).
+	LeasePeriod time.Duration `yaml:"lease_period"`
+	// LowWaterPercent is the part of a lease, in percent, below which it is refilled
+	// ahead of need, off the request path (default 25).
+	LowWaterPercent int `yaml:"low_water_percent"`
+	// Wait bounds how long a request waits for a refill when its sidecar holds nothing
+	// and the customer has quota left (default 1s); then the route's on_unavailable
+	// policy decides.
+	Wait time.Duration `yaml:"wait"`
+	// IdleReturn returns a lease that no request used for this long (default 1m; 0s
+	// never), so that other sidecars can take it.
+	IdleReturn time.Duration `yaml:"idle_return"`
 }
 
 // Log configures the process log.
@@ -160,7 +190,11 @@ func Default() *Config {
 			Concurrency: 256 * 1024,
 		},
 		Usage: Usage{Enabled: true, FlushInterval: time.Second, StreamReplicas: 1, MaxOutboxBytes: 256 << 20},
-		Log:   Log{Level: "info", Format: "json"},
+		Quota: Quota{
+			Enabled: true, Bucket: "gatehouse_quota", Replicas: 1, MinLease: 10, MaxLease: 100_000,
+			LeasePeriod: 2 * time.Second, LowWaterPercent: 25, Wait: time.Second, IdleReturn: time.Minute,
+		},
+		Log: Log{Level: "info", Format: "json"},
 		Flexprice: Flexprice{
 			APIURL: "https://us.api.flexprice.io/v1", APIKeyEnv: "FLEXPRICE_API_KEY",
 			SyncInterval: 5 * time.Minute, WebhookListen: "127.0.0.1:9902", AdminListen: "127.0.0.1:9903",

@@ -97,7 +97,11 @@ func TestParseFull(t *testing.T) {
 			ShutdownTimeout: 5 * time.Second, MaxHeaderBytes: 32 << 10, MaxBodyBytes: 1 << 20, Concurrency: 1000,
 		},
 		Usage: Usage{Enabled: true, FlushInterval: 250 * time.Millisecond, StreamReplicas: 3, MaxOutboxBytes: 1 << 30},
-		Log:   Log{Level: "debug", Format: "console", AccessLog: true},
+		Quota: Quota{
+			Bucket: "fleet_quota", Replicas: 3, MinLease: 5, MaxLease: 5000, LeasePeriod: 5 * time.Second,
+			LowWaterPercent: 40, Wait: 250 * time.Millisecond, IdleReturn: 30 * time.Second,
+		},
+		Log: Log{Level: "debug", Format: "console", AccessLog: true},
 		Flexprice: Flexprice{
 			APIURL: "https://eu.api.flexprice.io/v1", APIKeyEnv: "FP_KEY", APIKeyFile: "/run/secrets/flexprice",
 			Customers: []string{"cust_acme", "cust_globex"}, SyncInterval: 10 * time.Minute,
@@ -127,7 +131,7 @@ func TestParseFull(t *testing.T) {
 		{"nats.embedded_listen", got.NATS.EmbeddedListen, d.NATS.EmbeddedListen},
 		{"nats.ping_interval", got.NATS.PingInterval, d.NATS.PingInterval},
 		{"unmatched", got.Unmatched, d.Unmatched}, {"server", got.Server, d.Server},
-		{"usage", got.Usage, d.Usage}, {"log", got.Log, d.Log},
+		{"usage", got.Usage, d.Usage}, {"quota", got.Quota, d.Quota}, {"log", got.Log, d.Log},
 		{"flexprice.api_url", got.Flexprice.APIURL, d.Flexprice.APIURL},
 		{"flexprice.sync_interval", got.Flexprice.SyncInterval, d.Flexprice.SyncInterval},
 	} {

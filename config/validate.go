@@ -21,6 +21,8 @@ const (
 	MaxFlushInterval  = time.Hour                // usage.flush_interval
 	MaxStreamReplicas = 5                        // usage.stream_replicas; JetStream's own limit
 	MinSyncInterval   = time.Second              // flexprice.sync_interval
+	MaxQuotaWait      = time.Minute              // quota.wait
+	MaxLeasePeriod    = time.Hour                // quota.lease_period
 	maxRouteNameLen   = 128                      // routes[].name
 	maxEventNameLen   = 256                      // flexprice.features.*.event_name
 	maxHeaderNameLen  = 256                      // any header name
@@ -68,6 +70,7 @@ func (c *Config) problems() []Problem {
 	v.routes(c)
 	v.server(&c.Server)
 	v.usage(&c.Usage)
+	v.quota(&c.Quota)
 	if c.Entitlements.CacheSize < 1 {
 		v.add("entitlements.cache_size", "must be > 0 (got %d)", c.Entitlements.CacheSize)
 	}
@@ -363,6 +366,53 @@ func (v *validator) usage(u *Usage) {
 	if u.MaxOutboxBytes <= 0 {
 		v.add("usage.max_outbox_bytes", "must be > 0 (got %d)", u.MaxOutboxBytes)
 	}
+}
+
+// quota is checked always, although only a sidecar with quota.enabled reads it; its
+// defaults are valid. bucket is a KV bucket name (letters, digits, _ and -) other than
+// the entitlements bucket; replicas 1 to 5 as JetStream allows; 1 <= min_lease <=
+// max_lease; lease_period in (0, 1h]; low_water_percent 1 to 99; wait in (0, 1m]: a
+// request must not hang on NATS; idle_return >= 0 (0 never returns an idle lease).
+func (v *validator) quota(q *Quota) {
+	switch {
+	case q.Bucket == "":
+		v.add("quota.bucket", "required: the KV bucket of the leases, such as gatehouse_quota")
+	case !isBucketName(q.Bucket):
+		v.add("quota.bucket", "must be letters, digits, _ and - (got %q)", q.Bucket)
+	case q.Bucket == "gatehouse_entitlements":
+		v.add("quota.bucket", "must differ from the entitlements bucket (got %q)", q.Bucket)
+	}
+	if q.Replicas < 1 || q.Replicas > MaxStreamReplicas {
+		v.add("quota.replicas", "must be between 1 and %d (got %d)", MaxStreamReplicas, q.Replicas)
+	}
+	if q.MinLease < 1 {
+		v.add("quota.min_lease", "must be >= 1 (got %d)", q.MinLease)
+	}
+	if q.MaxLease < max(q.MinLease, 1) {
+		v.add("quota.max_lease", "must be >= quota.min_lease (got %d < %d)", q.MaxLease, max(q.MinLease, 1))
+	}
+	if q.LeasePeriod <= 0 || q.LeasePeriod > MaxLeasePeriod {
+		v.add("quota.lease_period", "must be > 0 and at most %s (got %s)", dur(MaxLeasePeriod), dur(q.LeasePeriod))
+	}
+	if q.LowWaterPercent < 1 || q.LowWaterPercent > 99 {
+		v.add("quota.low_water_percent", "must be between 1 and 99 (got %d)", q.LowWaterPercent)
+	}
+	if q.Wait <= 0 || q.Wait > MaxQuotaWait {
+		v.add("quota.wait", "must be > 0 and at most %s (got %s)", dur(MaxQuotaWait), dur(q.Wait))
+	}
+	if q.IdleReturn < 0 {
+		v.add("quota.idle_return", "must be >= 0 (got %s)", dur(q.IdleReturn))
+	}
+}
+
+func isBucketName(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return s != ""
 }
 
 // flexprice is checked always, although only the bridge reads it; its defaults are

@@ -205,6 +205,15 @@ func TestValidate(t *testing.T) {
 		{"log level", func(c *Config) { c.Log.Level = "INFO" }, `log.level: must be debug, info, warn or error (got "INFO")`},
 		{"log format", func(c *Config) { c.Log.Format = "text" }, `log.format: must be json or console (got "text")`},
 
+		// quota
+		{"quota off keeps checks", func(c *Config) { c.Quota.Enabled = false }, ""},
+		{"quota bucket entitlements", func(c *Config) { c.Quota.Bucket = "gatehouse_entitlements" }, `quota.bucket: must differ from the entitlements bucket (got "gatehouse_entitlements")`},
+		{"quota bucket empty", func(c *Config) { c.Quota.Bucket = "" }, `quota.bucket: required: the KV bucket of the leases, such as gatehouse_quota`},
+		{"quota max below min", func(c *Config) { c.Quota.MinLease, c.Quota.MaxLease = 100, 99 }, `quota.max_lease: must be >= quota.min_lease (got 99 < 100)`},
+		{"quota one unit", func(c *Config) { c.Quota.MinLease, c.Quota.MaxLease = 1, 1 }, ""},
+		{"quota wait long", func(c *Config) { c.Quota.Wait = 2 * time.Minute }, `quota.wait: must be > 0 and at most 1m (got 2m)`},
+		{"quota no idle return", func(c *Config) { c.Quota.IdleReturn = 0 }, ""},
+
 		// flexprice
 		{"flexprice api url", func(c *Config) { c.Flexprice.APIURL = "us.api.flexprice.io" },
 			`flexprice.api_url: must be an http(s) URL without query, such as "https://us.api.flexprice.io/v1" (got "us.api.flexprice.io")`},

@@ -26,6 +26,7 @@ const (
 	APIKeyInvalid
 	CostInvalid
 	RouteNotAllowed
+	QuotaUnavailable // the fleet's quota could not be reached and the lease ran out
 )
 
 var reasonCodes = [...]string{
@@ -33,6 +34,7 @@ var reasonCodes = [...]string{
 	FeatureNotEntitled: "feature_not_entitled", UsageLimitExceeded: "usage_limit_exceeded",
 	ReplicaNotReady: "replica_not_ready", APIKeyInvalid: "api_key_invalid",
 	CostInvalid: "cost_invalid", RouteNotAllowed: "route_not_allowed",
+	QuotaUnavailable: "quota_unavailable",
 }
 
 // String returns the reason code used in problem bodies, logs and metrics.
@@ -61,6 +63,10 @@ type Use struct {
 	// now (it may be 0), admission needs at least one unit left under a hard limit, and
 	// the real cost is set with Reservation.SetActual before Commit.
 	Deferred bool
+	// FailOpen admits the request, counted like any other, when a hard limit's fleet
+	// quota cannot be reached and this sidecar's lease is spent (the route's
+	// on_unavailable: allow); otherwise such a request is refused with QuotaUnavailable.
+	FailOpen bool
 }
 
 // CounterKey names a usage counter: one customer, one feature, one window.
@@ -77,6 +83,12 @@ type Counter struct {
 	start     int64        // Key.WindowStart, beside the hot fields
 	End       int64        // window end, unix nanoseconds
 	Key       CounterKey
+
+	// The fleet lease (see Quota), for hard limits when the limiter has a Quota.
+	lease      atomic.Int64 // units of this sidecar's lease not reserved yet
+	leaseLow   atomic.Int64 // below this, Quota.Refill is asked for
+	leaseLimit atomic.Int64 // the limit the lease was granted under
+	asked      atomic.Bool  // Quota.Refill was asked for and not answered yet
 }
 
 // Held is committed plus reserved usage.
@@ -120,6 +132,7 @@ type reserved struct {
 	cost     int64    // what was reserved
 	actual   int64    // what to commit
 	deferred bool
+	leased   bool // cost was taken from the counter's fleet lease
 }
 
 // Reset empties r for reuse.
@@ -165,6 +178,7 @@ func (r *Reservation) SetActual(i int, cost int64) {
 // call New.
 type Limiter struct {
 	seed   maphash.Seed
+	quota  Quota // nil: each hard limit is enforced by this limiter alone
 	shards [64]shard
 }
 
@@ -227,7 +241,8 @@ func (l *Limiter) windowOf(s *Snapshot, f *Feature, now int64) *Counter {
 // the returned Decision still says what would have happened.
 //
 // Concurrent calls never admit more than a hard limit between them: each metered
-// feature is taken with a compare-and-swap on its counter.
+// feature is taken with a compare-and-swap on its counter, or, with a Quota, on the
+// counter's fleet lease (see reserveLease), which may wait for a refill.
 func (l *Limiter) Reserve(s *Snapshot, uses []Use, now time.Time, force bool, r *Reservation) Decision {
 	var d Decision
 	if len(uses) > MaxRouteFeatures {
@@ -262,9 +277,21 @@ func (l *Limiter) Reserve(s *Snapshot, uses []Use, now time.Time, force bool, r 
 		c := l.windowOf(s, f, n)
 		it.c = c
 		if f.Unlimited || f.Soft || force {
-			held := c.held.Add(it.cost)
+			var held int64
+			if force && l.quota != nil && !f.Unlimited && !f.Soft {
+				held = l.forceLease(s, f, c, it)
+			} else {
+				held = c.held.Add(it.cost)
+			}
 			if d.Reason == OK && !f.Unlimited && !f.Soft && !admits(held-it.cost, it.cost, f.Limit) {
 				d = Decision{Reason: UsageLimitExceeded, Feature: f.Key, Metered: true, Limit: f.Limit, Used: held - it.cost, ResetAt: c.End}
+			}
+			continue
+		}
+		if l.quota != nil {
+			if why, used := l.reserveLease(s, f, c, it, uses[i].FailOpen, now); why != OK {
+				l.undo(r, i)
+				return Decision{Reason: why, Feature: f.Key, Metered: true, Limit: f.Limit, Used: used, ResetAt: c.End}
 			}
 			continue
 		}
@@ -315,6 +342,10 @@ func (l *Limiter) undo(r *Reservation, upto int) {
 	for i := range r.items[:upto] {
 		if it := &r.items[i]; it.c != nil {
 			it.c.held.Add(-it.cost)
+			if it.leased {
+				it.c.lease.Add(it.cost)
+				it.leased = false
+			}
 			it.c = nil
 		}
 	}
@@ -332,6 +363,9 @@ func (l *Limiter) Commit(r *Reservation, out []Usage) []Usage {
 		}
 		if delta := it.actual - it.cost; delta != 0 {
 			it.c.held.Add(delta)
+			if it.leased {
+				it.c.lease.Add(-delta) // may go below 0: the next refill covers the debt
+			}
 		}
 		if it.actual == 0 {
 			continue

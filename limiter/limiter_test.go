@@ -463,6 +463,7 @@ func TestReasonCodes(t *testing.T) {
 		FeatureNotEntitled: "feature_not_entitled", UsageLimitExceeded: "usage_limit_exceeded",
 		ReplicaNotReady: "replica_not_ready", APIKeyInvalid: "api_key_invalid",
 		CostInvalid: "cost_invalid", RouteNotAllowed: "route_not_allowed",
+		QuotaUnavailable: "quota_unavailable",
 	}
 	if got := Reasons(); len(got) != len(want) {
 		t.Errorf("Reasons() has %d, want %d", len(got), len(want))

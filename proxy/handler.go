@@ -69,7 +69,7 @@ func (p *Proxy) decide(t *table, method, path []byte, h *fasthttp.RequestHeader,
 	uses := st.uses[:len(o.route.features)]
 	for i := range o.route.features {
 		rf := &o.route.features[i]
-		u := limiter.Use{Feature: rf.feature, ID: rf.id, Cost: rf.cost, Deferred: rf.usesResponse}
+		u := limiter.Use{Feature: rf.feature, ID: rf.id, Cost: rf.cost, Deferred: rf.usesResponse, FailOpen: o.route.allowUnready}
 		if rf.reqHeader != "" {
 			if v := h.Peek(rf.reqHeader); len(v) > 0 {
 				c, ok := parseCost(v, rf.maxCost)
@@ -251,6 +251,8 @@ func (p *Proxy) refuse(ctx *fasthttp.RequestCtx, o *outcome, now time.Time, st *
 		ctx.Response.Header.SetBytesV("RateLimit", st.limit)
 	case limiter.ReplicaNotReady:
 		ctx.Response.Header.Set("Retry-After", strconv.Itoa(retryAfterUnready))
+	case limiter.QuotaUnavailable:
+		ctx.Response.Header.Set("Retry-After", strconv.Itoa(retryAfterQuota))
 	case limiter.CustomerMissing, limiter.APIKeyInvalid:
 		if t := p.table.Load(); t.apiKeyHdr != nil {
 			ctx.Response.Header.Set("WWW-Authenticate", string(t.apiKeyScheme)+` realm="gatehouse"`)

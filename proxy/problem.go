@@ -18,7 +18,7 @@ func statusOf(r limiter.Reason) int {
 		return fasthttp.StatusForbidden
 	case limiter.UsageLimitExceeded:
 		return fasthttp.StatusTooManyRequests
-	case limiter.ReplicaNotReady:
+	case limiter.ReplicaNotReady, limiter.QuotaUnavailable:
 		return fasthttp.StatusServiceUnavailable
 	case limiter.CostInvalid:
 		return fasthttp.StatusBadRequest
@@ -35,6 +35,7 @@ var titles = map[limiter.Reason]string{
 	limiter.APIKeyInvalid:      "API key invalid",
 	limiter.CostInvalid:        "Request cost invalid",
 	limiter.RouteNotAllowed:    "Route not allowed",
+	limiter.QuotaUnavailable:   "Usage quota unavailable",
 }
 
 var details = map[limiter.Reason]string{
@@ -46,10 +47,14 @@ var details = map[limiter.Reason]string{
 	limiter.APIKeyInvalid:      "The API key is malformed or not known.",
 	limiter.CostInvalid:        "The request's declared cost is not a whole number within the route's bounds.",
 	limiter.RouteNotAllowed:    "No route is configured for this method and path.",
+	limiter.QuotaUnavailable:   "The sidecar's share of the customer's usage limit is spent and the fleet's quota cannot be reached; try again shortly.",
 }
 
 // retryAfterUnready is what a 503 replica_not_ready asks the client to wait.
 const retryAfterUnready = 2
+
+// retryAfterQuota is what a 503 quota_unavailable asks the client to wait.
+const retryAfterQuota = 1
 
 // appendProblem appends the application/problem+json body of a refusal (RFC 9457).
 func appendProblem(b []byte, d *limiter.Decision, customer []byte) []byte {

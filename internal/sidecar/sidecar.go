@@ -4,6 +4,9 @@
 // and tests that need a whole sidecar in process start it here.
 //
 // It owns the start and stop order of the parts; it decides nothing itself.
+//
+// Hard limits are fleet-exact through sync/quota unless quota.enabled is off: the
+// limiter takes leases from the quota manager, which the replica tells of changed limits.
 package sidecar
 
 import (
@@ -19,6 +22,7 @@ import (
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/gatehouse-dev/gatehouse/proxy"
 	"github.com/gatehouse-dev/gatehouse/sync/natsd"
+	"github.com/gatehouse-dev/gatehouse/sync/quota"
 	"github.com/gatehouse-dev/gatehouse/sync/replica"
 	"github.com/gatehouse-dev/gatehouse/sync/store"
 	"github.com/gatehouse-dev/gatehouse/sync/usage"
@@ -42,8 +46,7 @@ type Options struct {
 	Standalone bool
 }
 
-// seedTimeout bounds pushing entitlements.file into the bucket at start, so that a
-// sidecar whose NATS is away still starts and serves its Badger replica.
+// seedTimeout bounds one try to push entitlements.file into the bucket.
 const seedTimeout = 10 * time.Second
 
 // Sidecar is a running gatehouse.
@@ -58,6 +61,7 @@ type Sidecar struct {
 	NATS     *natsd.Conn      // nil when standalone
 	Replica  *replica.Replica // nil when standalone
 	Usage    *usage.Recorder  // nil when standalone
+	Quota    *quota.Manager   // nil when standalone or quota.enabled is off
 	seed     []*limiter.Snapshot
 
 	ln, adminLn net.Listener
@@ -128,8 +132,8 @@ func New(opts Options) (s *Sidecar, err error) {
 	return s, nil
 }
 
-// openSync opens the store, NATS, the replica and the usage recorder, in that order,
-// and restores the limiter's counters from the store.
+// openSync opens the store, NATS, the replica, the usage recorder and the quota
+// manager, in that order, and restores the limiter's counters and leases from the store.
 func (s *Sidecar) openSync() error {
 	cfg, log := s.cfg, s.log
 	st, err := store.Open(store.Options{Dir: cfg.DataDir, Log: log})
@@ -151,29 +155,61 @@ func (s *Sidecar) openSync() error {
 	s.NATS = nc
 	s.closers = append([]func(context.Context) error{func(context.Context) error { return nc.Close() }}, s.closers...)
 
-	rep, err := replica.New(replica.Options{JS: nc.JS(), Store: st, Log: log, CacheSize: cfg.Entitlements.CacheSize})
+	// The quota manager hears of changed limits from the replica; it is set below,
+	// before Start starts the replica's watch.
+	var q *quota.Manager
+	onChange := func(old, new *limiter.Snapshot) {
+		if q != nil {
+			q.OnChange(old, new)
+		}
+	}
+	rep, err := replica.New(replica.Options{JS: nc.JS(), Store: st, Log: log, CacheSize: cfg.Entitlements.CacheSize, OnChange: onChange})
 	if err != nil {
 		return err
 	}
 	s.Replica = rep
 	s.closers = append([]func(context.Context) error{func(context.Context) error { return rep.Close() }}, s.closers...)
 
-	if !cfg.Usage.Enabled {
+	if cfg.Usage.Enabled {
+		rec, err := usage.New(usage.Options{
+			Store: st, JS: nc.JS(), Log: log, FlushInterval: cfg.Usage.FlushInterval,
+			StreamReplicas: cfg.Usage.StreamReplicas, MaxOutboxBytes: cfg.Usage.MaxOutboxBytes,
+		})
+		if err != nil {
+			return err
+		}
+		s.Usage = rec
+		s.closers = append([]func(context.Context) error{rec.Close}, s.closers...)
+		if err := rec.Restore(s.Limiter); err != nil {
+			return fmt.Errorf("restore usage counters: %w", err)
+		}
+	} else {
 		log.Warn("usage accounting is off: usage is counted in memory only and never published")
+	}
+
+	if !cfg.Quota.Enabled {
+		log.Warn("quota leases are off: each sidecar enforces hard limits alone, and a fleet may admit more than a limit")
 		return nil
 	}
-	rec, err := usage.New(usage.Options{
-		Store: st, JS: nc.JS(), Log: log, FlushInterval: cfg.Usage.FlushInterval,
-		StreamReplicas: cfg.Usage.StreamReplicas, MaxOutboxBytes: cfg.Usage.MaxOutboxBytes,
-	})
-	if err != nil {
+	qc := cfg.Quota
+	idle := qc.IdleReturn
+	if idle == 0 {
+		idle = -1 // never
+	}
+	if q, err = quota.New(quota.Options{
+		JS: nc.JS(), Store: st, Log: log, Bucket: qc.Bucket, Replicas: qc.Replicas,
+		MinLease: qc.MinLease, MaxLease: qc.MaxLease, LeasePeriod: qc.LeasePeriod,
+		LowWaterPercent: qc.LowWaterPercent, Wait: qc.Wait, IdleReturn: idle,
+	}); err != nil {
 		return err
 	}
-	s.Usage = rec
-	s.closers = append([]func(context.Context) error{rec.Close}, s.closers...)
-	if err := rec.Restore(s.Limiter); err != nil {
-		return fmt.Errorf("restore usage counters: %w", err)
+	s.Quota = q
+	// Closed first of the parts: unused leases go back to the fleet while NATS is up.
+	s.closers = append([]func(context.Context) error{q.Close}, s.closers...)
+	if err := q.Load(s.Limiter, s.Usage != nil); err != nil {
+		return err
 	}
+	s.Limiter.SetQuota(q)
 	return nil
 }
 
@@ -226,8 +262,17 @@ func (s *Sidecar) Start(ctx context.Context) error {
 				return err
 			}
 		}
-		if len(s.seed) > 0 {
-			s.pushSeed(ctx)
+		if s.Quota != nil {
+			s.Quota.Start(ctx)
+		}
+		// A replica from an earlier run serves at once, and the seed follows in the
+		// background; an empty one has nothing to serve until the seed is in.
+		if len(s.seed) > 0 && (s.Replica.Ready() || !s.pushSeed(ctx, seedTimeout)) {
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				s.retrySeed(ctx)
+			}()
 		}
 	}
 	s.serve("proxy", func() error { return s.Proxy.Serve(s.ln) })
@@ -252,21 +297,40 @@ func (s *Sidecar) Start(ctx context.Context) error {
 	return nil
 }
 
-// pushSeed writes the seed snapshots into the bucket (only those that changed). A
-// failure is logged: the replica still serves what it has.
-func (s *Sidecar) pushSeed(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, seedTimeout)
+// pushSeed writes the seed snapshots into the bucket (only those that changed) within
+// timeout, and waits briefly for the replica to apply them, so that a sidecar that
+// starts ready serves its seed. It reports whether the push succeeded.
+func (s *Sidecar) pushSeed(ctx context.Context, timeout time.Duration) bool {
+	pctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	kv, err := replica.EnsureBucket(ctx, s.NATS.JS())
-	if err == nil {
-		var res replica.PushResult
-		res, err = replica.PushSnapshots(ctx, kv, s.seed, s.log)
-		if err == nil {
-			s.log.Info("entitlements pushed from the seed", zap.Any("result", res))
-			return
-		}
+	kv, err := replica.EnsureBucket(pctx, s.NATS.JS())
+	if err != nil {
+		s.log.Warn("could not push entitlements into the bucket; serving the replica as it is", zap.Error(err))
+		return false
 	}
-	s.log.Warn("could not push entitlements into the bucket; serving the replica as it is", zap.Error(err))
+	res, err := replica.PushSnapshots(pctx, kv, s.seed, s.log)
+	if err != nil {
+		s.log.Warn("could not push entitlements into the bucket; serving the replica as it is", zap.Error(err))
+		return false
+	}
+	s.log.Info("entitlements pushed from the seed", zap.Int("written", res.Written), zap.Int("unchanged", res.Unchanged))
+	for res.Written > 0 && s.Replica.Stats().Revision < res.Revision && pctx.Err() == nil {
+		time.Sleep(5 * time.Millisecond)
+	}
+	return true
+}
+
+// retrySeed pushes the seed, retrying with backoff until it succeeds or ctx is done.
+func (s *Sidecar) retrySeed(ctx context.Context) {
+	wait := time.Second
+	for !s.pushSeed(ctx, seedTimeout) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 30*time.Second)
+	}
 }
 
 // WaitReady waits until the replica has caught up with the bucket (at once when
@@ -319,6 +383,11 @@ func (s *Sidecar) Close(ctx context.Context) error {
 		if s.admin != nil {
 			errs = append(errs, s.admin.shutdown(ctx))
 		}
+		// A Serve that had not started when Shutdown ran would otherwise accept forever.
+		s.ln.Close()
+		if s.adminLn != nil {
+			s.adminLn.Close()
+		}
 		if s.stop != nil {
 			s.stop()
 		}
@@ -337,6 +406,12 @@ func (s *Sidecar) parts() Parts {
 			st := r.Stats()
 			return ReplicaStats{Revision: st.Revision, Applied: st.Applied, Rejected: st.Rejected,
 				CaughtUp: st.CaughtUp, LastContact: st.LastContact, Staleness: st.Staleness}
+		}}
+	}
+	if q := s.Quota; q != nil {
+		p.Leases = &LeaseView{Held: q.Held, Stats: func() LeaseStats {
+			st := q.Stats()
+			return LeaseStats{Refills: st.Refills, RefillErrors: st.RefillErrors, Leases: st.Leases, HeldUnits: st.HeldUnits}
 		}}
 	}
 	if u := s.Usage; u != nil {

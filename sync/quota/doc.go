@@ -1,0 +1,44 @@
+// Package quota makes hard limits exact across a fleet of sidecars (DESIGN.md section 6).
+// A sidecar admits hard-limited usage only against quota it holds as a lease, and
+// leases are granted by compare-and-set on the KV bucket gatehouse_quota, one key per
+// (customer, feature, window), so that the grants of the fleet never add up to more than
+// the limit. The Manager implements limiter.Quota: the limiter takes units from the
+// lease on the counter with atomics, and calls the manager only when the lease runs low
+// (a refill ahead of need, off the request path) or short (a bounded wait).
+//
+// It owns the bucket and the Badger keys under "q/". It must not decide admission
+// (the limiter does), must not count usage (sync/usage does: usage and grants are kept
+// apart), and must never make a network call on the request path except in Acquire,
+// when this sidecar holds too little for a request and the fleet may still have quota.
+//
+// # The value
+//
+// Each key holds a JSON Value: the limit and the entitlement revision that set it, and
+// the grant of each sidecar by sidecar id. A sidecar's grant is what it may use in the
+// window, its used units included; it raises its own grant to take quota and lowers it
+// to return quota, and never writes another's. A grant is raised only while the sum of
+// grants stays within the limit, and the limit of a newer entitlement revision always
+// wins over an older one, so a lowered limit stops every grant at once.
+//
+// # Lease size and refills
+//
+// A refill takes what lasts Options.LeasePeriod at this sidecar's recent rate, within
+// [MinLease, MaxLease], but never more than what is left divided by twice the number of
+// sidecars holding grants, and at least the request's cost and 1 unit: far from the
+// limit a refill is rare, near it leases shrink so that no sidecar sits on the last
+// units while another refuses. A refill starts ahead of need, when the lease falls
+// below LowWaterPercent of its size; a request waits only when its sidecar holds too
+// little, at most Options.Wait, and then the route's on_unavailable policy decides.
+//
+// # Returns, restarts and cleanup
+//
+// Unused quota goes back when the sidecar closes, when its window ends, when a lease
+// sat idle for Options.IdleReturn, and when a snapshot lowers or removes the limit. A
+// grant is saved under q/ after the bucket accepted it, and a return before the bucket
+// hears of it, so a restarted sidecar (same data directory, same id) spends at most its
+// saved grant less its restored usage even without NATS, and reconciles with its entry
+// in the bucket on the next refill. Keys carry a per-message TTL that removes them
+// Options.Retention after their window ends; on a bucket without TTLs the sidecars
+// that held a key delete it. A sidecar that dies holding a lease loses it until the
+// window ends: the fleet may under-admit by that much, never over-admit.
+package quota

@@ -1,0 +1,397 @@
+package quota
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/gatehouse-dev/gatehouse/limiter"
+	"go.uber.org/zap"
+)
+
+// maxConflicts bounds the compare-and-set rounds of one refill or return.
+const maxConflicts = 32
+
+// lease is this sidecar's share of one counter's limit. The units it may still spend
+// sit on the counter (limiter.Counter.Lease), where the request path takes them.
+type lease struct {
+	key   limiter.CounterKey
+	kvKey string
+	end   int64 // window end, unix nanoseconds
+	c     *limiter.Counter
+
+	// Guarded by Manager.mu.
+	limit          int64  // the newest hard limit known locally; -1: none (return everything)
+	rev            uint64 // the entitlement revision that set limit
+	job            *job   // the refill under way, which Acquire joins; nil when none
+	giving         bool   // a return is queued or under way
+	exhaustedUntil int64  // unix nanoseconds: the fleet had nothing left; do not ask again before
+	exhaustedLimit int64  // the limit under which it was exhausted
+	failedUntil    int64  // unix nanoseconds: the last refill failed; do not ask again before
+	retry          bool   // the last return failed
+	idleHeld       int64  // the counter's held usage at the last maintenance tick
+	idleSince      time.Time
+
+	// mu serialises the lease's work with the bucket and guards what follows.
+	mu      sync.Mutex
+	granted int64 // this sidecar's grant in the bucket's value, as far as it knows
+	// spent is the part of granted that this database cannot account for: a grant the
+	// bucket holds for this sidecar id that no local record explains (the database was
+	// rebuilt or wiped, or a crash fell between the bucket's answer and the save). It may
+	// have been used, so it is never handed out again.
+	spent   int64
+	pending int64  // units taken back from the counter whose return the bucket has not confirmed
+	known   bool   // granted was restored or read from the bucket
+	value   *Value // the value last read or written, and its revision
+	valRev  uint64
+	size    int64   // the last lease granted
+	rate    float64 // recent use, units per second
+	rateAt  time.Time
+	rateUse int64
+}
+
+// job is one refill; its waiters read res once done is closed.
+type job struct {
+	done chan struct{}
+	res  limiter.QuotaResult
+}
+
+// noteLimit records the limit that a request's snapshot gives, if it is the newest
+// known. Manager.mu is held.
+func (l *lease) noteLimit(s *limiter.Snapshot, f *limiter.Feature) {
+	if s.Revision > l.rev || s.Revision == l.rev && (l.rev == 0 || l.limit < 0) {
+		l.limit, l.rev = f.Limit, s.Revision
+	}
+}
+
+// refillLocked starts a refill of at least need units, or returns the one under way.
+// Manager.mu is held.
+func (m *Manager) refillLocked(l *lease, need int64) *job {
+	if l.job != nil {
+		return l.job
+	}
+	j := &job{done: make(chan struct{})}
+	if m.closed.Load() {
+		j.res = limiter.QuotaUnreachable
+		close(j.done)
+		return j
+	}
+	l.job = j
+	limit, rev := l.limit, l.rev
+	m.jobs.Add(1)
+	go func() {
+		defer m.jobs.Done()
+		res := m.refill(l, need, limit, rev)
+		now := m.now()
+		m.mu.Lock()
+		j.res = res
+		l.job = nil
+		switch res {
+		case limiter.QuotaExhausted:
+			l.exhaustedUntil, l.exhaustedLimit = now.Add(m.recheck).UnixNano(), limit
+		case limiter.QuotaUnreachable:
+			l.failedUntil = now.Add(m.failBackoff).UnixNano()
+		}
+		m.mu.Unlock()
+		close(j.done)
+	}()
+	return j
+}
+
+// giveBackLocked queues a return of everything the lease holds unused. Manager.mu is
+// held.
+func (m *Manager) giveBackLocked(l *lease) {
+	if l.giving || m.closed.Load() {
+		return
+	}
+	l.giving = true
+	m.jobs.Add(1)
+	go func() {
+		defer m.jobs.Done()
+		m.sem <- struct{}{}
+		defer func() { <-m.sem }()
+		ctx, cancel := context.WithTimeout(m.ctx, m.opts.RequestTimeout)
+		defer cancel()
+		err := m.giveBack(ctx, l)
+		m.mu.Lock()
+		l.giving, l.retry = false, err != nil // the maintenance loop retries
+		m.mu.Unlock()
+	}()
+}
+
+// refill tops the lease up by at least need units (at least 1), sized by size.
+func (m *Manager) refill(l *lease, need, limit int64, rev uint64) limiter.QuotaResult {
+	m.sem <- struct{}{}
+	defer func() { <-m.sem }()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	defer l.c.RefillDone()
+	if limit < 0 { // no hard limit any more: nothing to take
+		return limiter.QuotaExhausted
+	}
+	enough := need // a request's need; a refill ahead of need tops up to the low water
+	if need == 0 {
+		enough = l.c.LeaseLow()
+	}
+	if l.c.Lease() >= max(enough, 1) && l.c.LeaseLimit() <= limit {
+		return limiter.QuotaGranted // a refill that ended while this one waited covered it
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, m.opts.RequestTimeout)
+	defer cancel()
+	n, err := m.update(ctx, l, limit, rev, func(v *Value, mine int64) int64 {
+		free := v.Limit - (v.Granted - v.Sidecars[m.id]) - mine
+		return m.size(l, free, max(v.holders(m.id), m.fleet.Load()), max(need, 1))
+	})
+	switch {
+	case err != nil:
+		m.st.refillErrors.Add(1)
+		if ce := m.log.Check(zap.DebugLevel, "lease refill failed"); ce != nil {
+			ce.Write(zap.String("key", l.kvKey), zap.Error(err))
+		}
+		return limiter.QuotaUnreachable
+	case n > 0:
+		m.st.refills.Add(1)
+		return limiter.QuotaGranted
+	case l.c.Lease() >= max(need, 1):
+		return limiter.QuotaGranted // a reconciliation found quota that was ours
+	}
+	m.st.exhausted.Add(1)
+	return limiter.QuotaExhausted
+}
+
+// giveBack returns every unused unit of the lease to the fleet, and writes a newer
+// limit that the bucket does not hold yet.
+func (m *Manager) giveBack(ctx context.Context, l *lease) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err := m.takeBack(l); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	limit, rev := l.limit, l.rev
+	m.mu.Unlock()
+	if l.pending == 0 && (limit < 0 || l.value != nil && l.value.LimitRevision >= rev) {
+		return nil // nothing to return, and the bucket knows the limit
+	}
+	returning := l.pending
+	_, err := m.update(ctx, l, limit, rev, func(*Value, int64) int64 { return 0 })
+	if err != nil {
+		m.st.refillErrors.Add(1)
+		m.log.Debug("lease return failed; it is retried", zap.String("key", l.kvKey), zap.Error(err))
+		return err
+	}
+	if returning > 0 {
+		m.st.returns.Add(1)
+		m.st.returned.Add(returning)
+	}
+	return nil
+}
+
+// takeBack moves every unused unit of the lease from the counter to pending, recording
+// the lower grant in Badger before the bucket hears of it. l.mu is held.
+func (m *Manager) takeBack(l *lease) error {
+	r := l.c.TakeLease(-1)
+	if r == 0 {
+		return nil
+	}
+	l.pending += r
+	if err := m.save(l); err != nil {
+		l.c.GrantLease(r, l.c.LeaseLow(), l.c.LeaseLimit()) // keep it rather than lose it
+		l.pending -= r
+		return err
+	}
+	return nil
+}
+
+// update reads the key (or trusts the value it last wrote), reconciles this sidecar's
+// grant with it, and writes back this sidecar's grant less what is pending return plus
+// what take decides to take, by compare-and-set, until it wins. It returns the units
+// taken and added to the counter's lease. l.mu is held.
+func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64, take func(v *Value, mine int64) int64) (int64, error) {
+	b, err := m.openBucket(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if limit >= 0 && limit < l.c.LeaseLimit() {
+		if err := m.takeBack(l); err != nil { // a lowered limit: what is held goes back first
+			return 0, err
+		}
+	}
+	start := m.now()
+	for range maxConflicts {
+		v, vrev := l.value, l.valRev
+		if v == nil {
+			if v, vrev, err = m.read(ctx, b, l.kvKey); err != nil {
+				return 0, err
+			}
+			if v == nil {
+				v = newValue(l.key, l.end)
+			}
+			if err := m.reconcile(l, v); err != nil {
+				return 0, err
+			}
+		}
+		v = v.clone()
+		newLimit := limit >= 0 && (rev > v.LimitRevision || vrev == 0) && (v.Limit != limit || v.LimitRevision != rev)
+		if newLimit {
+			v.Limit, v.LimitRevision = limit, rev
+		}
+		mine := l.granted - l.pending
+		n := max(take(v, mine), 0)
+		if n == 0 && l.pending == 0 && (!newLimit || v.Granted == 0) {
+			l.setLimit(v, limit)
+			return 0, nil // nothing to write
+		}
+		v.setGrant(m.id, mine+n)
+		newRev, err := m.write(ctx, b, l.kvKey, v, vrev, l.end)
+		if errors.Is(err, errConflict) {
+			m.st.conflicts.Add(1)
+			l.value = nil
+			continue
+		}
+		if err != nil {
+			l.value = nil // the write may have landed: the next read reconciles
+			return 0, err
+		}
+		l.value, l.valRev = v, newRev
+		l.granted, l.pending = mine+n, 0
+		m.noteRTT(m.now().Sub(start))
+		if n > 0 {
+			l.size = n
+		}
+		eff := v.Limit
+		if limit >= 0 {
+			eff = min(eff, limit)
+		}
+		l.c.GrantLease(n, m.lowWater(l), eff)
+		if err := m.save(l); err != nil {
+			m.log.Warn("lease not saved: a restart without NATS would not use it", zap.String("key", l.kvKey), zap.Error(err))
+		}
+		return n, nil
+	}
+	return 0, errors.New("quota: too many conflicting writes")
+}
+
+// noteRTT folds the duration of a successful refill or return into Manager.rtt.
+func (m *Manager) noteRTT(d time.Duration) {
+	old := m.rtt.Load()
+	switch {
+	case old == 0:
+		m.rtt.Store(int64(d))
+	case int64(d) > old: // quick to rise, slow to fall: the low water errs high
+		m.rtt.Store((old + int64(d)) / 2)
+	default:
+		m.rtt.Store((7*old + int64(d)) / 8)
+	}
+}
+
+// setLimit refreshes the counter's lease limit after a round that wrote nothing.
+func (l *lease) setLimit(v *Value, limit int64) {
+	eff := v.Limit
+	if limit >= 0 {
+		eff = min(eff, limit)
+	}
+	l.c.GrantLease(0, l.c.LeaseLow(), eff)
+}
+
+// reconcile makes the lease agree with this sidecar's grant in a value read from the
+// bucket, which is the truth: a grant the sidecar did not hear acknowledged is added
+// to the counter's lease; a return that landed clears pending; a grant lower than
+// known (the key was purged) takes back what the counter still holds of it. l.mu is
+// held.
+func (m *Manager) reconcile(l *lease, v *Value) error {
+	kv := v.Sidecars[m.id]
+	if !l.known {
+		l.known, l.granted = true, kv
+		if kv == 0 {
+			return nil
+		}
+		// Usage this database lost is not in its counters: count the whole unexplained
+		// grant as spent. At worst the fleet under-admits by one lease; it never
+		// over-admits.
+		l.spent = max(kv-l.c.Held(), 0)
+		m.log.Warn("the bucket holds a grant for this sidecar that its database does not know; counting it spent",
+			zap.String("key", l.kvKey), zap.Int64("grant", kv), zap.Int64("spent", l.spent))
+		return m.save(l)
+	}
+	switch {
+	case kv == l.granted:
+		return nil
+	case kv > l.granted:
+		l.c.GrantLease(kv-l.granted, m.lowWater(l), l.c.LeaseLimit())
+	default:
+		drop := l.granted - kv
+		p := min(drop, l.pending)
+		l.pending -= p
+		if drop -= p; drop > 0 {
+			took := l.c.TakeLease(drop)
+			m.log.Warn("the bucket records less quota for this sidecar than it was granted; holding less",
+				zap.String("key", l.kvKey), zap.Int64("bucket", kv), zap.Int64("known", l.granted), zap.Int64("taken_back", took))
+		}
+	}
+	l.granted = kv
+	return m.save(l)
+}
+
+// size is how many units a refill takes when free units are left to the fleet and
+// holders sidecars share them: what lasts LeasePeriod at the recent rate, within
+// [MinLease, MaxLease] and at most twice the last lease (a lease grows with the rate
+// over a few refills rather than at once, on a rate measured over a few requests);
+// never more than free/(2·holders), so that near the limit no sidecar sits on what
+// another needs, down to 1 unit; at least need; and 0 when free cannot cover need.
+// l.mu is held.
+func (m *Manager) size(l *lease, free, holders, need int64) int64 {
+	if free < need || free <= 0 {
+		return 0
+	}
+	now := m.now()
+	used := l.c.Held()
+	if !l.rateAt.IsZero() {
+		if dt := now.Sub(l.rateAt); dt >= time.Millisecond {
+			inst := float64(used-l.rateUse) / dt.Seconds()
+			if l.rate == 0 {
+				l.rate = inst
+			} else {
+				l.rate = (l.rate + inst) / 2
+			}
+			l.rateAt, l.rateUse = now, used
+		}
+	} else {
+		l.rateAt, l.rateUse = now, used
+	}
+	return leaseSize(l.rate, m.opts.LeasePeriod, m.opts.MinLease, min(m.opts.MaxLease, max(2*l.size, m.opts.MinLease)), free, holders, need)
+}
+
+// leaseSize is the arithmetic of size; maxLease is already at most twice the last lease.
+func leaseSize(rate float64, period time.Duration, minLease, maxLease, free, holders, need int64) int64 {
+	if free < need || free <= 0 {
+		return 0
+	}
+	maxLease = max(maxLease, minLease)
+	n := maxLease
+	if want := rate * period.Seconds(); want < float64(maxLease) {
+		n = max(int64(want), minLease)
+	}
+	n = min(n, max(free/(2*max(holders, 1)), 1))
+	return min(max(n, need), free)
+}
+
+// lowWater is the lease level below which a refill is asked for: LowWaterPercent of
+// the last lease, and at least what the recent rate uses in twice the time a refill
+// takes, so that near the limit, where leases are small, the next one is on its way
+// before this one runs out. l.mu is held.
+func (m *Manager) lowWater(l *lease) int64 {
+	ahead := int64(l.rate * 4 * time.Duration(m.rtt.Load()).Seconds())
+	return max(l.size*int64(m.opts.LowWaterPercent)/100, ahead, 1)
+}
+
+// save records the lease in Badger: the grant less what is pending return.
+func (m *Manager) save(l *lease) error {
+	s := saved{end: l.end, grant: l.granted - l.pending, limit: l.c.LeaseLimit(), spent: l.spent}
+	m.mu.Lock()
+	s.rev = l.rev
+	m.mu.Unlock()
+	return m.db.Update(func(txn *badger.Txn) error { return txn.Set(dbKey(l.kvKey), s.encode()) })
+}

@@ -1,0 +1,170 @@
+package quota
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/gatehouse-dev/gatehouse/limiter"
+	"github.com/gatehouse-dev/gatehouse/sync/store"
+	"go.uber.org/zap"
+)
+
+// Load restores the leases saved in Badger onto lim's counters, before any request is
+// decided. The unused part of a lease is its grant less the counter's held usage, which
+// the usage recorder restored before: a restarted sidecar (same id) never spends twice
+// what the fleet granted it, and its first refill reconciles with the bucket. When the
+// counters are not durable (durable false), every saved grant counts as spent. Leases
+// of windows that ended more than Options.Retention ago are dropped.
+func (m *Manager) Load(lim *limiter.Limiter, durable bool) error {
+	now := m.now().UnixNano()
+	type entry struct {
+		key limiter.CounterKey
+		kv  string
+		s   saved
+	}
+	var keep []entry
+	var drop [][]byte
+	err := m.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(store.PrefixQuota)})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			kvKey := string(item.Key()[len(store.PrefixQuota):])
+			k, err := ParseKey(kvKey)
+			if err != nil {
+				m.log.Warn("dropping a saved lease with a bad key", zap.String("key", kvKey), zap.Error(err))
+				drop = append(drop, item.KeyCopy(nil))
+				continue
+			}
+			var s saved
+			if err := item.Value(func(v []byte) (err error) { s, err = decodeSaved(v); return err }); err != nil {
+				m.log.Warn("dropping a saved lease with a bad value", zap.String("key", kvKey), zap.Error(err))
+				drop = append(drop, item.KeyCopy(nil))
+				continue
+			}
+			if s.end != limiter.NeverEnds && now >= s.end+int64(m.opts.Retention) {
+				drop = append(drop, item.KeyCopy(nil))
+				continue
+			}
+			keep = append(keep, entry{k, kvKey, s})
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("quota: load leases: %w", err)
+	}
+	if len(drop) > 0 {
+		if err := m.db.Update(func(txn *badger.Txn) error {
+			for _, k := range drop {
+				if err := txn.Delete(k); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("quota: drop old leases: %w", err)
+		}
+	}
+	var units int64
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, e := range keep {
+		c := lim.Counter(e.key, e.s.end)
+		l := &lease{key: e.key, kvKey: e.kv, end: c.End, c: c, limit: e.s.limit, rev: e.s.rev,
+			granted: e.s.grant, spent: e.s.spent, known: true, idleSince: m.now(), idleHeld: c.Held()}
+		var avail int64
+		if durable {
+			avail = max(e.s.grant-e.s.spent-c.Held(), 0)
+		}
+		l.size = avail
+		c.GrantLease(avail, m.lowWater(l), e.s.limit)
+		units += avail
+		m.addLocked(l)
+	}
+	if len(keep) > 0 {
+		m.log.Info("leases restored", zap.Int("leases", len(keep)), zap.Int64("units", units), zap.Bool("durable_counters", durable))
+	}
+	return nil
+}
+
+// maintainLoop runs maintain every tick until Close.
+func (m *Manager) maintainLoop() {
+	defer m.loops.Done()
+	t := time.NewTicker(m.tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.stop:
+			return
+		case <-t.C:
+			m.maintain()
+		}
+	}
+}
+
+// maintain lets the request path ask for refills again, returns the leases that sat
+// idle for Options.IdleReturn, those of windows that ended and those a lowered limit no
+// longer covers, retries returns that failed, and forgets leases Options.Retention
+// after their window ended (deleting their keys when the bucket has no TTL).
+func (m *Manager) maintain() {
+	now := m.now()
+	n := now.UnixNano()
+	var forget []*lease
+	m.mu.Lock()
+	for _, l := range m.leases {
+		if l.job == nil && n >= l.failedUntil {
+			l.c.RefillDone()
+		}
+		held := l.c.Held()
+		if held != l.idleHeld {
+			l.idleHeld, l.idleSince = held, now
+		}
+		switch {
+		case l.end != limiter.NeverEnds && n >= l.end+int64(m.opts.Retention):
+			forget = append(forget, l)
+		case n >= l.end && l.c.Lease() > 0,
+			l.retry,
+			l.limit < l.c.LeaseLimit() && l.c.Lease() > 0,
+			m.opts.IdleReturn > 0 && now.Sub(l.idleSince) >= m.opts.IdleReturn && l.c.Lease() > 0:
+			m.giveBackLocked(l)
+		}
+	}
+	for _, l := range forget {
+		m.removeLocked(l)
+	}
+	m.mu.Unlock()
+	if len(forget) > 0 {
+		m.forget(forget)
+	}
+}
+
+// forget deletes the saved leases of windows long over, and their keys when the bucket
+// does not expire them itself.
+func (m *Manager) forget(ls []*lease) {
+	err := m.db.Update(func(txn *badger.Txn) error {
+		for _, l := range ls {
+			if err := txn.Delete(dbKey(l.kvKey)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		m.log.Warn("could not drop saved leases of past windows", zap.Error(err))
+	}
+	m.bucketMu.Lock()
+	b := m.bkt
+	m.bucketMu.Unlock()
+	if b == nil || b.ttl {
+		return
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, m.opts.RequestTimeout)
+	defer cancel()
+	for _, l := range ls {
+		if err := b.kv.Purge(ctx, l.kvKey); err != nil {
+			m.log.Debug("could not delete the key of a past window", zap.String("key", l.kvKey), zap.Error(err))
+		}
+	}
+}

@@ -1,0 +1,324 @@
+package quota
+
+import (
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/gatehouse-dev/gatehouse/internal/testutil"
+	"github.com/gatehouse-dev/gatehouse/limiter"
+	"github.com/gatehouse-dev/gatehouse/sync/store"
+)
+
+// TestExact: members on one NATS share a hard limit exactly, whatever their number,
+// and the bucket's grants add up to what was used.
+func TestExact(t *testing.T) {
+	for _, n := range []int{1, 3} {
+		t.Run(map[int]string{1: "one member", 3: "three members"}[n], func(t *testing.T) {
+			nats := testutil.StartNATS(t)
+			var ms []*member
+			var snaps []*limiter.Snapshot
+			for range n {
+				ms = append(ms, newMember(t, nats, nil))
+				snaps = append(snaps, snap(t, "cust_x", 1000, 1))
+			}
+			got := hammer(t, ms, snaps, 16, 3000)
+			if sum(got) != 1000 {
+				t.Errorf("admitted %v = %d, want exactly 1000", got, sum(got))
+			}
+			v := ms[0].value(ms[0].counter(snaps[0]).Key)
+			if v.Granted != 1000 || v.Limit != 1000 || v.LimitRevision != 1 {
+				t.Errorf("value %+v", v)
+			}
+			for i, mb := range ms {
+				if g := v.Sidecars[mb.m.SidecarID()]; g != got[i] {
+					t.Errorf("member %d used %d and holds a grant of %d", i, got[i], g)
+				}
+			}
+		})
+	}
+}
+
+// TestRestart: a member that crashes holding a lease and restarts with the same data
+// directory spends what it held and no more, whether NATS is there at restart or not,
+// and whether its saved lease survived or only the bucket remembers it.
+func TestRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		natsDown    bool // NATS is away when the member restarts
+		forgetSaved bool // the q/ entries are lost: the bucket's entry is the only record
+	}{
+		{"nats up", false, false},
+		{"nats down", true, false},
+		{"saved lease lost", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			nats := testutil.StartNATS(t)
+			a := newMember(t, nats, func(o *Options) { o.MinLease = 100 })
+			b := newMember(t, nats, func(o *Options) { o.MinLease = 100 })
+			sa, sb := snap(t, "cust_r", 1000, 1), snap(t, "cust_r", 1000, 1)
+			for range 30 {
+				if d := a.do(sa, 1, false); d.Reason != limiter.OK {
+					t.Fatal(d)
+				}
+			}
+			c := a.counter(sa)
+			k, end := c.Key, c.End
+			eventually(t, "a's refills to settle", func() bool {
+				g, _ := a.m.Grant(k)
+				return a.value(k).Sidecars[a.m.SidecarID()] == g && c.Lease() == g-30
+			})
+			grant, _ := a.m.Grant(k)
+			id := a.m.SidecarID()
+			a.crash()
+			if tc.forgetSaved {
+				st, err := store.Open(store.Options{Dir: a.dir, GCInterval: -1})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := st.DB().DropPrefix([]byte(store.PrefixQuota)); err != nil {
+					t.Fatal(err)
+				}
+				st.Close()
+			}
+			if tc.natsDown {
+				nats.Shutdown()
+			}
+			// The usage recorder restores the 30 committed units before the leases load.
+			a.start(func(o *Options) { o.MinLease = 100; o.Wait = 200 * time.Millisecond },
+				map[limiter.CounterKey][2]int64{k: {end, 30}})
+			if a.m.SidecarID() != id {
+				t.Fatalf("the sidecar id changed")
+			}
+			c = a.counter(sa)
+			want := grant - 30
+			if tc.forgetSaved {
+				want = 0 // known again at the first refill
+			}
+			if c.Lease() != want {
+				t.Errorf("restored lease %d, want %d (grant %d less 30 used)", c.Lease(), want, grant)
+			}
+			if tc.natsDown {
+				admitted := 0
+				for range grant {
+					if a.do(sa, 1, false).Reason == limiter.OK {
+						admitted++
+					}
+				}
+				if admitted != int(grant-30) {
+					t.Errorf("without NATS the restarted member admitted %d, want its lease of %d", admitted, grant-30)
+				}
+				if d := a.do(sa, 1, false); d.Reason != limiter.QuotaUnavailable {
+					t.Errorf("lease spent, NATS away: %+v", d)
+				}
+				nats.Restart()
+				used := int64(30 + admitted)
+				for i, mb := range []*member{a, b} {
+					eventually(t, "the quota to be reachable again", func() bool {
+						d := mb.do([]*limiter.Snapshot{sa, sb}[i], 1, false)
+						if d.Reason == limiter.OK {
+							used++
+						}
+						return d.Reason != limiter.QuotaUnavailable
+					})
+				}
+				got := hammer(t, []*member{a, b}, []*limiter.Snapshot{sa, sb}, 8, 3000)
+				if total := used + sum(got); total != 1000 {
+					t.Errorf("admitted %d before, %v after: %d in all, want 1000", used, got, total)
+				}
+				return
+			}
+			got := hammer(t, []*member{a, b}, []*limiter.Snapshot{sa, sb}, 8, 3000)
+			if total := 30 + sum(got); total != 1000 {
+				t.Errorf("admitted 30 before the crash and %v after: %d in all, want 1000", got, total)
+			}
+		})
+	}
+}
+
+// TestLowered: a limit lowered below what the fleet already used stops every
+// admission, and the members give back what they held.
+func TestLowered(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	// Leases larger than the 400 used, so that the members surely hold more than they
+	// used when the limit drops.
+	a := newMember(t, nats, func(o *Options) { o.MinLease = 1000 })
+	b := newMember(t, nats, func(o *Options) { o.MinLease = 1000 })
+	sa, sb := snap(t, "cust_l", 10000, 1), snap(t, "cust_l", 10000, 1)
+	got := hammer(t, []*member{a, b}, []*limiter.Snapshot{sa, sb}, 8, 400)
+	if sum(got) != 400 {
+		t.Fatalf("admitted %v before lowering", got)
+	}
+	k := a.counter(sa).Key
+	before := a.value(k)
+	if before.Granted <= 400 {
+		t.Fatalf("the members hold no more than they used (%d): nothing to lower below", before.Granted)
+	}
+	na, nb := snap(t, "cust_l", 300, 2), snap(t, "cust_l", 300, 2)
+	a.m.OnChange(sa, na)
+	b.m.OnChange(sb, nb)
+	eventually(t, "leases to be returned", func() bool {
+		v := a.value(k)
+		return v.Granted == 400 && v.Limit == 300 && v.LimitRevision == 2
+	})
+	got = hammer(t, []*member{a, b}, []*limiter.Snapshot{na, nb}, 8, 400)
+	if sum(got) != 0 {
+		t.Errorf("admitted %v under a limit lowered below the usage", got)
+	}
+	// Raised again: the members take the difference, and exactly that.
+	ra, rb := snap(t, "cust_l", 500, 3), snap(t, "cust_l", 500, 3)
+	a.m.OnChange(na, ra)
+	b.m.OnChange(nb, rb)
+	got = hammer(t, []*member{a, b}, []*limiter.Snapshot{ra, rb}, 8, 400)
+	if sum(got) != 100 {
+		t.Errorf("admitted %v after raising to 500, want 100", got)
+	}
+}
+
+// TestStaleLimit: a member that has not seen the lowered limit yet still cannot take
+// quota beyond it, because the bucket's value carries the newer revision's limit.
+func TestStaleLimit(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, func(o *Options) { o.MinLease = 1; o.MaxLease = 1 })
+	b := newMember(t, nats, func(o *Options) { o.MinLease = 1; o.MaxLease = 1 })
+	sa, sb := snap(t, "cust_s", 1000, 1), snap(t, "cust_s", 1000, 1)
+	hammer(t, []*member{a, b}, []*limiter.Snapshot{sa, sb}, 2, 20)
+	na := snap(t, "cust_s", 25, 2)
+	a.m.OnChange(sa, na)
+	a.do(na, 1, false) // writes the new limit with its refill
+	k := a.counter(sa).Key
+	eventually(t, "the new limit in the bucket", func() bool { return a.value(k).Limit == 25 })
+	admitted := 0
+	for range 50 {
+		if b.do(sb, 1, false).Reason == limiter.OK { // b still has revision 1: 1000
+			admitted++
+		}
+	}
+	if v := a.value(k); v.Granted > 25 || admitted > 5 {
+		t.Errorf("stale member admitted %d; bucket %+v", admitted, v)
+	}
+}
+
+// TestUnreachable: with NATS away, a member spends the lease in hand, then refuses
+// (QuotaUnavailable) or, failing open, admits and counts.
+func TestUnreachable(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, func(o *Options) { o.MinLease, o.MaxLease = 50, 50; o.Wait = 300 * time.Millisecond })
+	s := snap(t, "cust_u", 1000, 1)
+	a.do(s, 1, false)
+	c := a.counter(s)
+	eventually(t, "the lease to settle", func() bool { g, _ := a.m.Grant(c.Key); return g > 0 && c.Lease() == g-1 })
+	nats.Shutdown()
+	eventually(t, "the client to notice", func() bool { return !a.m.connected() })
+	held := c.Lease()
+	for range held {
+		if d := a.do(s, 1, false); d.Reason != limiter.OK {
+			t.Fatalf("lease in hand refused: %+v", d)
+		}
+	}
+	if d := a.do(s, 1, false); d.Reason != limiter.QuotaUnavailable || d.Limit != 1000 {
+		t.Errorf("lease spent, NATS away: %+v, want quota_unavailable", d)
+	}
+	if d := a.do(s, 3, true); d.Reason != limiter.OK {
+		t.Errorf("fail open: %+v", d)
+	}
+	if c.Committed() != 1+held+3 {
+		t.Errorf("committed %d, want %d", c.Committed(), 1+held+3)
+	}
+	if a.m.Stats().RefillErrors == 0 && a.m.Stats().Refills == 0 {
+		t.Errorf("stats %+v", a.m.Stats())
+	}
+}
+
+// TestReturns: unused quota goes back on Close and after sitting idle.
+func TestReturns(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	t.Run("close", func(t *testing.T) {
+		a := newMember(t, nats, func(o *Options) { o.MinLease = 100 })
+		s := snap(t, "cust_c", 1000, 1)
+		for range 7 {
+			a.do(s, 1, false)
+		}
+		k := a.counter(s).Key
+		a.stop()
+		b := newMember(t, nats, nil)
+		if v := b.value(k); v.Granted != 7 {
+			t.Errorf("after close the bucket holds %+v, want a grant of the 7 used", v)
+		}
+	})
+	t.Run("idle", func(t *testing.T) {
+		a := newMember(t, nats, func(o *Options) { o.MinLease = 100; o.IdleReturn = 200 * time.Millisecond })
+		s := snap(t, "cust_i", 1000, 1)
+		for range 7 {
+			a.do(s, 1, false)
+		}
+		k := a.counter(s).Key
+		eventually(t, "the idle lease to go back", func() bool { return a.value(k).Granted == 7 && a.m.Stats().Returns > 0 })
+		if held, ok := a.m.Held(k); !ok || held != 0 || a.m.Stats().Returned != 93 {
+			t.Errorf("held %d %v, stats %+v", held, ok, a.m.Stats())
+		}
+		if d := a.do(s, 1, false); d.Reason != limiter.OK {
+			t.Errorf("after an idle return: %+v", d)
+		}
+	})
+}
+
+// TestWindowEnd: at the end of its window a lease goes back, and Retention later the
+// key leaves the bucket (by its TTL) and the saved lease leaves Badger.
+func TestWindowEnd(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, func(o *Options) { o.MinLease = 100; o.Retention = time.Second })
+	s := snap(t, "cust_w", 1000, 1)
+	end := time.Now().Add(1500 * time.Millisecond)
+	k := limiter.CounterKey{Customer: "cust_w", Feature: "calls", WindowStart: time.Now().Add(-time.Hour).UnixNano()}
+	c := a.lim.Counter(k, end.UnixNano())
+	if r := a.m.Acquire(s, s.Feature("calls"), c, 1, time.Now()); r != limiter.QuotaGranted {
+		t.Fatalf("acquire: %v", r)
+	}
+	c.TakeLease(5) // 5 units used
+	eventually(t, "the lease to go back at the window's end", func() bool {
+		v := a.value(k)
+		return v != nil && v.Granted == 5 && time.Now().After(end)
+	})
+	eventually(t, "the key to expire", func() bool { return a.value(k) == nil })
+	eventually(t, "the lease to be forgotten", func() bool { _, ok := a.m.Held(k); return !ok })
+	a.stop()
+	st, err := store.Open(store.Options{Dir: a.dir, GCInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	var saved int
+	st.DB().View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(store.PrefixQuota)})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			saved++
+		}
+		return nil
+	})
+	if saved != 0 {
+		t.Errorf("%d saved leases left", saved)
+	}
+}
+
+// TestShadow: a shadow-mode sidecar, which never waits for quota, still takes leases
+// ahead of need, so that what it would have refused is known fleet-wide.
+func TestShadow(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, nil)
+	s := snap(t, "cust_sh", 1000, 1)
+	var r limiter.Reservation
+	if d := a.lim.Reserve(s, []limiter.Use{{Feature: "calls", Cost: 1}}, time.Now(), true, &r); d.Reason != limiter.OK {
+		t.Fatalf("shadow: %+v", d)
+	}
+	a.lim.Commit(&r, nil)
+	k := a.counter(s).Key
+	eventually(t, "a lease taken ahead of need", func() bool { g, ok := a.m.Grant(k); return ok && g > 0 })
+	r.Reset()
+	a.lim.Reserve(s, []limiter.Use{{Feature: "calls", Cost: 1}}, time.Now(), true, &r)
+	a.lim.Commit(&r, nil)
+	if c := a.counter(s); c.Committed() != 2 || c.Lease() <= 0 {
+		t.Errorf("committed %d, lease %d", c.Committed(), c.Lease())
+	}
+}
