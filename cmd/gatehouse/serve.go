@@ -66,4 +66,3 @@ func serve(ctx context.Context, cfg *config.Config, snaps []*limiter.Snapshot, l
 func loadSnapshots(path string) ([]*limiter.Snapshot, error) {
 	return sidecar.LoadSnapshots(path)
 }
-
