@@ -1,0 +1,472 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/HdrHistogram/hdrhistogram-go"
+	"github.com/valyala/fasthttp"
+	"golang.org/x/sys/unix"
+)
+
+// The load generator. It keeps one TCP connection per worker, writes pre-built request
+// bytes (no pipelining: one request in flight per connection), parses responses with
+// fasthttp's Response.Read into a reused Response, and records latency in a per-worker
+// HDR histogram, so the request loop allocates nothing.
+//
+// Closed loop: every worker sends its next request as soon as the previous one is
+// answered; throughput is what the target sustains. Open loop: a dispatcher puts the
+// intended send time of every request on a fixed timeline (rate r: request k is due at
+// k/r) and workers take them in order; latency is measured from the intended time, so a
+// stalled target is charged for every request it delayed (no coordinated omission).
+
+// workload is a set of pre-built requests and the order they are sent in.
+type workload struct {
+	reqs  [][]byte // request bytes, by template
+	uses  [][]unit // what one admitted request of each template costs (usage check)
+	order []uint32 // template sequence; each worker walks it from its own offset
+	// shared: the workers take order[] together, once, through one cursor, and the run
+	// ends when it is used up (exhaust); otherwise they loop over it until time is up.
+	shared bool
+	track  bool // count 2xx and 429 per template
+}
+
+// runSpec says how to load a target.
+type runSpec struct {
+	open     bool
+	rate     float64 // open loop: requests per second
+	conns    int
+	warmup   time.Duration // not recorded; shared workloads have none
+	duration time.Duration // recorded; shared workloads: an upper bound
+	drain    time.Duration // open loop: how long queued requests may take after the last is due
+	// admitted, when set, counts 2xx answers per template in every phase.
+	admitted []atomic.Int64
+}
+
+// loadResult is what one run measured.
+type loadResult struct {
+	requests  int64 // answered in the recorded phase
+	errors    int64 // transport errors (connect, read, write)
+	unsent    int64 // open loop: due but never sent before the drain deadline
+	status    [6]int64
+	noRetry   int64 // 429s without Retry-After
+	elapsed   time.Duration
+	hist      *hdrhistogram.Histogram // latency, µs
+	lag       *hdrhistogram.Histogram // open loop: actual send time minus intended, µs
+	ok        []int64                 // per template: 2xx (track)
+	refused   []int64                 // per template: 429 (track)
+	cpuBefore sample
+	cpuAfter  sample
+}
+
+const histMax = 60_000_000 // µs
+
+func newHist() *hdrhistogram.Histogram { return hdrhistogram.New(1, histMax, 3) }
+
+// Workers' histograms are reused from run to run, so that a run allocates next to
+// nothing and the generator's garbage collector stays quiet while it measures.
+var (
+	histMu   sync.Mutex // protects histFree
+	histFree []*hdrhistogram.Histogram
+)
+
+func getHist() *hdrhistogram.Histogram {
+	histMu.Lock()
+	defer histMu.Unlock()
+	if n := len(histFree); n > 0 {
+		h := histFree[n-1]
+		histFree = histFree[:n-1]
+		h.Reset()
+		return h
+	}
+	return newHist()
+}
+
+func putHist(hs ...*hdrhistogram.Histogram) {
+	histMu.Lock()
+	defer histMu.Unlock()
+	for _, h := range hs {
+		if h != nil {
+			histFree = append(histFree, h)
+		}
+	}
+}
+
+type phase = int32
+
+const (
+	phaseWarm phase = iota
+	phaseMeasure
+	phaseStop
+)
+
+// worker is one connection and its private counters; only its goroutine touches it
+// until the run ends.
+type worker struct {
+	addr    string
+	conn    net.Conn
+	br      *bufio.Reader
+	resp    fasthttp.Response
+	hist    *hdrhistogram.Histogram
+	lag     *hdrhistogram.Histogram
+	status  [6]int64
+	n       int64
+	errs    int64
+	unsent  int64
+	noRetry int64
+	ok      []int64
+	refused []int64
+}
+
+func (w *worker) dial() error {
+	if w.conn != nil {
+		w.conn.Close()
+	}
+	c, err := net.DialTimeout("tcp", w.addr, 3*time.Second)
+	if err != nil {
+		w.conn = nil
+		return err
+	}
+	w.conn = c
+	if w.br == nil {
+		w.br = bufio.NewReaderSize(c, 16<<10)
+	} else {
+		w.br.Reset(c)
+	}
+	return nil
+}
+
+// do sends one request and reads its answer. It returns the status (0 on a transport
+// error, after which the connection is redialled).
+func (w *worker) do(req []byte) int {
+	if w.conn == nil {
+		if err := w.dial(); err != nil {
+			return 0
+		}
+	}
+	if _, err := w.conn.Write(req); err != nil {
+		w.dial()
+		return 0
+	}
+	w.resp.Reset()
+	if err := w.resp.Read(w.br); err != nil {
+		w.dial()
+		return 0
+	}
+	status := w.resp.StatusCode()
+	if status == fasthttp.StatusTooManyRequests && len(w.resp.Header.Peek("Retry-After")) == 0 {
+		w.noRetry++
+	}
+	if w.resp.ConnectionClose() {
+		w.dial()
+	}
+	return status
+}
+
+// count records the outcome of one recorded request.
+func (w *worker) count(tpl uint32, status int, latency time.Duration) {
+	w.n++
+	if status == 0 {
+		w.errs++
+	} else if c := status / 100; c >= 1 && c <= 5 {
+		w.status[c]++
+	}
+	if w.ok != nil {
+		switch {
+		case status >= 200 && status < 300:
+			w.ok[tpl]++
+		case status == fasthttp.StatusTooManyRequests:
+			w.refused[tpl]++
+		}
+	}
+	us := latency.Microseconds()
+	if us > histMax {
+		us = histMax
+	}
+	w.hist.RecordValue(us)
+}
+
+// runLoad loads the target at addr as spec says. before and after are called at the
+// edges of the recorded phase, to sample CPU.
+func runLoad(ctx context.Context, addr string, wl *workload, spec runSpec, cpu func() sample) (*loadResult, error) {
+	ws := make([]*worker, spec.conns)
+	defer func() {
+		for _, w := range ws {
+			if w != nil {
+				putHist(w.hist, w.lag)
+			}
+		}
+	}()
+	for i := range ws {
+		w := &worker{addr: addr, hist: getHist()}
+		if spec.open {
+			w.lag = getHist()
+		}
+		if wl.track {
+			w.ok, w.refused = make([]int64, len(wl.reqs)), make([]int64, len(wl.reqs))
+		}
+		if err := w.dial(); err != nil {
+			closeAll(ws)
+			return nil, fmt.Errorf("connect %s: %w", addr, err)
+		}
+		ws[i] = w
+	}
+	defer closeAll(ws)
+	runtime.GC() // now rather than while measuring
+	var res *loadResult
+	if spec.open {
+		res = runOpen(ctx, ws, wl, spec, cpu)
+	} else {
+		res = runClosed(ctx, ws, wl, spec, cpu)
+	}
+	res.hist, res.lag = newHist(), nil
+	if spec.open {
+		res.lag = newHist()
+	}
+	if wl.track {
+		res.ok, res.refused = make([]int64, len(wl.reqs)), make([]int64, len(wl.reqs))
+	}
+	for _, w := range ws {
+		res.hist.Merge(w.hist)
+		if w.lag != nil {
+			res.lag.Merge(w.lag)
+		}
+		res.requests += w.n
+		res.errors += w.errs
+		res.unsent += w.unsent
+		res.noRetry += w.noRetry
+		for i, n := range w.status {
+			res.status[i] += n
+		}
+		for i := range w.ok {
+			res.ok[i] += w.ok[i]
+			res.refused[i] += w.refused[i]
+		}
+	}
+	return res, ctx.Err()
+}
+
+func closeAll(ws []*worker) {
+	for _, w := range ws {
+		if w != nil && w.conn != nil {
+			w.conn.Close()
+		}
+	}
+}
+
+func runClosed(ctx context.Context, ws []*worker, wl *workload, spec runSpec, cpu func() sample) *loadResult {
+	var ph atomic.Int32
+	var cursor atomic.Int64
+	var wg sync.WaitGroup
+	res := &loadResult{}
+	if wl.shared {
+		ph.Store(phaseMeasure)
+		res.cpuBefore = cpu()
+	}
+	start := time.Now()
+	for i, w := range ws {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			pos := i * len(wl.order) / len(ws)
+			for {
+				p := ph.Load()
+				if p == phaseStop {
+					return
+				}
+				var tpl uint32
+				if wl.shared {
+					k := cursor.Add(1) - 1
+					if k >= int64(len(wl.order)) {
+						return
+					}
+					tpl = wl.order[k]
+				} else {
+					tpl = wl.order[pos]
+					if pos++; pos == len(wl.order) {
+						pos = 0
+					}
+				}
+				t0 := time.Now()
+				status := w.do(wl.reqs[tpl])
+				if spec.admitted != nil && status >= 200 && status < 300 {
+					spec.admitted[tpl].Add(1)
+				}
+				if p == phaseMeasure {
+					w.count(tpl, status, time.Since(t0))
+				}
+			}
+		}()
+	}
+	if !wl.shared {
+		sleepCtx(ctx, spec.warmup)
+		res.cpuBefore = cpu()
+		start = time.Now()
+		ph.Store(phaseMeasure)
+		sleepCtx(ctx, spec.duration)
+		ph.Store(phaseStop)
+		res.elapsed = time.Since(start)
+		res.cpuAfter = cpu()
+		wg.Wait()
+		return res
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	case <-time.After(spec.duration):
+	}
+	ph.Store(phaseStop)
+	res.elapsed = time.Since(start)
+	res.cpuAfter = cpu()
+	<-done
+	return res
+}
+
+// runOpen sends at a fixed rate. The dispatcher queues intended send times (ns since
+// base); a worker that takes one sends at once and charges the request from its
+// intended time.
+func runOpen(ctx context.Context, ws []*worker, wl *workload, spec runSpec, cpu func() sample) *loadResult {
+	res := &loadResult{}
+	q := make(chan int64, 1<<16)
+	base := time.Now()
+	measureFrom := int64(spec.warmup)
+	end := int64(spec.warmup + spec.duration)
+	var abort atomic.Bool
+	var wg sync.WaitGroup
+	for i, w := range ws {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			pos := i * len(wl.order) / len(ws)
+			for due := range q {
+				tpl := wl.order[pos]
+				if pos++; pos == len(wl.order) {
+					pos = 0
+				}
+				if abort.Load() {
+					// Never sent: charge it the time it has waited so far, a lower bound.
+					if due >= measureFrom {
+						w.unsent++
+						w.n++
+						w.hist.RecordValue(min(histMax, (time.Since(base) - time.Duration(due)).Microseconds()))
+					}
+					continue
+				}
+				sent := time.Since(base)
+				status := w.do(wl.reqs[tpl])
+				if spec.admitted != nil && status >= 200 && status < 300 {
+					spec.admitted[tpl].Add(1)
+				}
+				if due >= measureFrom {
+					w.count(tpl, status, time.Since(base)-time.Duration(due))
+					w.lag.RecordValue(max(0, (sent - time.Duration(due)).Microseconds()))
+				}
+			}
+		}()
+	}
+	var before sample
+	started := make(chan struct{})
+	go func() {
+		// The edge of the recorded phase, for CPU sampling.
+		sleepCtx(ctx, spec.warmup)
+		before = cpu()
+		close(started)
+	}()
+	dispatch(ctx, q, base, spec.rate, end)
+	<-started
+	res.cpuBefore = before
+	res.cpuAfter = cpu()
+	res.elapsed = time.Duration(end - measureFrom)
+	close(q)
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(spec.drain):
+		abort.Store(true)
+		for _, w := range ws {
+			if w.conn != nil {
+				w.conn.SetDeadline(time.Now())
+			}
+		}
+		<-done
+	}
+	return res
+}
+
+// dispatch queues the due times k/rate for k = 0, 1, ... until end (ns since base).
+// It sleeps on a timerfd through the runtime's poller, which wakes it within
+// microseconds; time.Sleep would oversleep by up to a millisecond when the process is
+// otherwise idle (the poller's epoll timeout is in whole milliseconds).
+func dispatch(ctx context.Context, q chan<- int64, base time.Time, rate float64, end int64) {
+	interval := float64(time.Second) / rate
+	t := newPreciseTimer()
+	defer t.close()
+	for k := int64(0); ctx.Err() == nil; {
+		due := int64(float64(k) * interval)
+		if due >= end {
+			return
+		}
+		if wait := due - int64(time.Since(base)); wait > 0 {
+			t.sleep(time.Duration(wait))
+			continue
+		}
+		q <- due
+		k++
+	}
+}
+
+// preciseTimer sleeps with nanosecond resolution without holding a thread.
+type preciseTimer struct {
+	f   *os.File // a timerfd, registered with the runtime's poller; nil: fall back to time.Sleep
+	fd  int      // f's descriptor (f.Fd() would switch it to blocking mode)
+	buf [8]byte
+}
+
+func newPreciseTimer() *preciseTimer {
+	fd, err := unix.TimerfdCreate(unix.CLOCK_MONOTONIC, unix.TFD_NONBLOCK|unix.TFD_CLOEXEC)
+	if err != nil {
+		return &preciseTimer{}
+	}
+	return &preciseTimer{f: os.NewFile(uintptr(fd), "timerfd"), fd: fd}
+}
+
+func (t *preciseTimer) sleep(d time.Duration) {
+	if t.f == nil {
+		time.Sleep(d)
+		return
+	}
+	spec := unix.ItimerSpec{Value: unix.NsecToTimespec(int64(d))}
+	if err := unix.TimerfdSettime(t.fd, 0, &spec, nil); err != nil {
+		time.Sleep(d)
+		return
+	}
+	t.f.Read(t.buf[:])
+}
+
+func (t *preciseTimer) close() {
+	if t.f != nil {
+		t.f.Close()
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	tm := time.NewTimer(d)
+	defer tm.Stop()
+	select {
+	case <-ctx.Done():
+	case <-tm.C:
+	}
+}

@@ -1,0 +1,158 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/HdrHistogram/hdrhistogram-go"
+)
+
+// latency is a latency distribution in milliseconds.
+type latency struct {
+	P50  float64 `json:"p50"`
+	P90  float64 `json:"p90"`
+	P99  float64 `json:"p99"`
+	P999 float64 `json:"p99_9"`
+	Max  float64 `json:"max"`
+	Mean float64 `json:"mean"`
+}
+
+func summarize(h *hdrhistogram.Histogram) latency {
+	if h.TotalCount() == 0 {
+		return latency{}
+	}
+	ms := func(us int64) float64 { return float64(us) / 1000 }
+	return latency{
+		P50: ms(h.ValueAtQuantile(50)), P90: ms(h.ValueAtQuantile(90)), P99: ms(h.ValueAtQuantile(99)),
+		P999: ms(h.ValueAtQuantile(99.9)), Max: ms(h.Max()), Mean: h.Mean() / 1000,
+	}
+}
+
+// runRecord is one measured run, as results.json keeps it.
+type runRecord struct {
+	Phase      string           `json:"phase"` // closed | control | open | sweep | exhaust
+	Target     string           `json:"target"`
+	Round      int              `json:"round"`
+	Open       bool             `json:"open_loop"`
+	Rate       float64          `json:"offered_rate,omitempty"`
+	Conns      int              `json:"conns"`
+	Seconds    float64          `json:"seconds"`
+	Requests   int64            `json:"requests"`
+	Errors     int64            `json:"transport_errors"`
+	Unsent     int64            `json:"unsent,omitempty"`
+	Status     map[string]int64 `json:"status"`
+	Throughput float64          `json:"throughput"`
+	Latency    latency          `json:"latency_ms"`
+	SendLagP50 float64          `json:"send_lag_p50_ms,omitempty"`
+	SendLagP99 float64          `json:"send_lag_p99_ms,omitempty"`
+	CPU        cpuUse           `json:"cpu"`
+	TargetCPU  float64          `json:"target_cpu_us_per_request"`
+	GenCPU     float64          `json:"generator_cpu_us_per_request"`
+	Discarded  bool             `json:"discarded,omitempty"`
+	Note       string           `json:"note,omitempty"`
+
+	hist *hdrhistogram.Histogram
+}
+
+func (r *runRecord) non2xx() int64 {
+	var n int64
+	for k, v := range r.Status {
+		if k != "2xx" {
+			n += v
+		}
+	}
+	return n + r.Errors
+}
+
+// saturated reports whether an open-loop run fell behind its schedule: requests left
+// unsent, fewer answered than offered, or most requests waiting over a millisecond for a
+// free connection (every connection busy: the target queues).
+func (r *runRecord) saturated() bool {
+	return r.Open && (r.Unsent > 0 || r.Throughput < 0.97*r.Rate || r.SendLagP50 > 1)
+}
+
+// measure loads target p and records the run.
+func (e *env) measure(ctx context.Context, label, phase string, round int, p *proc, wl *workload, spec runSpec) (*runRecord, *loadResult, error) {
+	spec.admitted = e.admitted[p]
+	res, err := runLoad(ctx, p.addr, wl, spec, e.mon.sample)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s against %s: %w", phase, p.name, err)
+	}
+	if !p.alive() {
+		return nil, nil, fmt.Errorf("%s exited during the run; log %s:\n%s", p.name, p.log, tail(p.log))
+	}
+	r := &runRecord{
+		Phase: phase, Target: p.name, Round: round, Open: spec.open, Conns: spec.conns,
+		Seconds: res.elapsed.Seconds(), Requests: res.requests, Errors: res.errors, Unsent: res.unsent,
+		Status: map[string]int64{}, hist: res.hist,
+	}
+	if spec.open {
+		r.Rate = spec.rate
+		r.SendLagP50 = float64(res.lag.ValueAtQuantile(50)) / 1000
+		r.SendLagP99 = float64(res.lag.ValueAtQuantile(99)) / 1000
+	}
+	for c, n := range res.status {
+		if n > 0 {
+			r.Status[fmt.Sprintf("%dxx", c)] = n
+		}
+	}
+	answered := res.requests - res.errors - res.unsent
+	if r.Seconds > 0 {
+		r.Throughput = float64(answered) / r.Seconds
+	}
+	r.Latency = summarize(res.hist)
+	r.CPU = usage(res.cpuBefore, res.cpuAfter, p.name, e.up.name)
+	if answered > 0 {
+		perTick := float64(time.Second/clockTicks) / float64(time.Microsecond)
+		r.TargetCPU = float64(r.CPU.TargetTicks) * perTick / float64(answered)
+		r.GenCPU = float64(r.CPU.GenTicks) * perTick / float64(answered)
+	}
+	e.logf("%-26s %-8s %s", label, p.name, r.line())
+	return r, res, nil
+}
+
+// line is the run's progress line.
+func (r *runRecord) line() string {
+	var b strings.Builder
+	if r.Open {
+		fmt.Fprintf(&b, "%6.0f/%-6.0f req/s", r.Throughput, r.Rate)
+	} else {
+		fmt.Fprintf(&b, "%13s req/s", thousands(r.Throughput))
+	}
+	fmt.Fprintf(&b, "  p50 %s p99 %s p99.9 %s ms  cpu %5.1f µs/req  gen %2.0f%% tgt %2.0f%% up %2.0f%% noise %.1f%%",
+		fmtMs(r.Latency.P50), fmtMs(r.Latency.P99), fmtMs(r.Latency.P999), r.TargetCPU,
+		100*r.CPU.Generator, 100*r.CPU.Target, 100*r.CPU.Upstream, 100*r.CPU.noise())
+	if n := r.non2xx(); n > 0 && r.Phase != "exhaust" {
+		fmt.Fprintf(&b, "  NON-2xx %d", n)
+	}
+	if r.saturated() {
+		b.WriteString("  SATURATED")
+	}
+	return b.String()
+}
+
+func fmtMs(v float64) string {
+	switch {
+	case v < 10:
+		return fmt.Sprintf("%.3f", v)
+	case v < 100:
+		return fmt.Sprintf("%.2f", v)
+	default:
+		return fmt.Sprintf("%.0f", v)
+	}
+}
+
+// thousands formats a rate as 12,345.
+func thousands(v float64) string {
+	s := fmt.Sprintf("%.0f", v)
+	var out []byte
+	for i := range len(s) {
+		if i > 0 && (len(s)-i)%3 == 0 && s[i-1] != '-' {
+			out = append(out, ',')
+		}
+		out = append(out, s[i])
+	}
+	return string(out)
+}

@@ -1,0 +1,157 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"sort"
+	"strings"
+	"time"
+)
+
+// scenario is one thing the harness can prove. Run may take minutes; it reports failed
+// checks in its result and returns an error only when it could not measure at all.
+type scenario interface {
+	Name() string
+	// Available reports whether this build of gatehouse can run the scenario, and if
+	// not, why.
+	Available(e *env) (ok bool, why string)
+	Run(ctx context.Context, e *env) (*scenarioResult, error)
+}
+
+// planner is implemented by scenarios that know how long they take when nothing is
+// redone, so that the harness can keep the whole run within -budget.
+type planner interface {
+	plan(o *options) time.Duration
+}
+
+// perRun is the overhead of one measured run (connecting, sampling, GC) besides its
+// warm-up and recorded time.
+const perRun = 150 * time.Millisecond
+
+// scenarios are all that the harness knows, in the default order.
+func scenarios() []scenario {
+	return []scenario{
+		steadyScenario{},
+		exhaustScenario{},
+		pendingScenario{name: "churn", about: "entitlement updates pushed through NATS during load",
+			needs: []string{capNATS}},
+		pendingScenario{name: "fleet", about: "several sidecars sharing hard limits through KV leases",
+			needs: []string{capNATS, capFleet}},
+		pendingScenario{name: "outage", about: "NATS stopped and restarted during load",
+			needs: []string{capNATS, capUsage}},
+	}
+}
+
+func lookupScenario(name string) (scenario, error) {
+	var names []string
+	for _, s := range scenarios() {
+		if s.Name() == name {
+			return s, nil
+		}
+		names = append(names, s.Name())
+	}
+	return nil, fmt.Errorf("unknown scenario %q (have %s)", name, strings.Join(names, ", "))
+}
+
+// Capabilities that `gatehouse version` lists on a line "capabilities: ..." once serve
+// has them. The names are the harness's proposal; the line does not exist yet.
+const (
+	capNATS  = "nats"         // serve runs the KV replica (embedded or external NATS)
+	capUsage = "usage-outbox" // serve publishes usage, and `gatehouse usage` reports it
+	capFleet = "fleet-quota"  // hard limits through KV leases
+)
+
+func missingCaps(e *env, needs []string) []string {
+	var miss []string
+	for _, c := range needs {
+		if !e.caps[c] {
+			miss = append(miss, c)
+		}
+	}
+	return miss
+}
+
+// pendingScenario stands for a scenario whose sidecar side is still being built: it
+// reports why it cannot run. When gatehouse reports the capabilities, the scenario's
+// body is the next thing to write here.
+type pendingScenario struct {
+	name, about string
+	needs       []string
+}
+
+func (p pendingScenario) Name() string { return p.name }
+
+func (p pendingScenario) Available(e *env) (bool, string) {
+	if miss := missingCaps(e, p.needs); len(miss) > 0 {
+		return false, fmt.Sprintf("gatehouse serve has no %s support yet (`gatehouse version` lists no capability %s)",
+			strings.Join(miss, "/"), strings.Join(miss, ", "))
+	}
+	return false, fmt.Sprintf("gatehouse serve supports %s now, but the harness's %s scenario is not written yet", strings.Join(p.needs, ", "), p.name)
+}
+
+func (p pendingScenario) Run(context.Context, *env) (*scenarioResult, error) {
+	return nil, fmt.Errorf("%s: not available", p.name)
+}
+
+// scenarioResult is one scenario's part of results.json.
+type scenarioResult struct {
+	Name       string         `json:"name"`
+	About      string         `json:"about"`
+	Status     string         `json:"status"` // pass | fail | not_available | error
+	Reason     string         `json:"reason,omitempty"`
+	Seconds    float64        `json:"seconds"`
+	Checks     []check        `json:"checks"`
+	UsageCheck usageCheck     `json:"usage_check"`
+	Steady     *steadyResult  `json:"steady,omitempty"`
+	Exhaust    *exhaustResult `json:"exhaust,omitempty"`
+}
+
+// check is one pass/fail statement with the figures behind it.
+type check struct {
+	Name   string `json:"name"`
+	Pass   bool   `json:"pass"`
+	Detail string `json:"detail"`
+}
+
+func (r *scenarioResult) check(name string, pass bool, format string, args ...any) {
+	r.Checks = append(r.Checks, check{Name: name, Pass: pass, Detail: fmt.Sprintf(format, args...)})
+}
+
+// settle sets Status from the checks.
+func (r *scenarioResult) settle() {
+	r.Status = "pass"
+	for _, c := range r.Checks {
+		if !c.Pass {
+			r.Status = "fail"
+		}
+	}
+}
+
+// stat summarises repeated measurements of one quantity.
+type stat struct {
+	Median float64   `json:"median"`
+	Min    float64   `json:"min"`
+	Max    float64   `json:"max"`
+	N      int       `json:"n"`
+	Values []float64 `json:"values"`
+}
+
+func newStat(vs []float64) stat {
+	var v []float64 // finite values only: JSON has no Inf or NaN
+	for _, x := range vs {
+		if !math.IsInf(x, 0) && !math.IsNaN(x) {
+			v = append(v, x)
+		}
+	}
+	if len(v) == 0 {
+		return stat{}
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	m := s[len(s)/2]
+	if len(s)%2 == 0 {
+		m = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return stat{Median: m, Min: s[0], Max: s[len(s)-1], N: len(s), Values: v}
+}

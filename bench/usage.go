@@ -1,0 +1,172 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os/exec"
+	"sort"
+	"sync/atomic"
+	"time"
+)
+
+// The usage check: published usage equals admitted usage. The harness counts every 2xx
+// the sidecar gave (warm-ups and sanity requests included) per request template, turns
+// the counts into units per (customer, feature) with the workload's costs, and compares
+// them with what `gatehouse usage -config FILE -json` reads from stream GATEHOUSE_USAGE,
+// summed over windows. Publication is asynchronous (usage.flush_interval), so it polls
+// until they agree or stop changing.
+
+// unit is what one admitted request of a template costs one feature.
+type unit struct {
+	customer, feature string
+	n                 int64
+}
+
+// usageCheck is a scenario's usage check in results.json.
+type usageCheck struct {
+	Status     string   `json:"status"` // pass | fail | not_available
+	Reason     string   `json:"reason,omitempty"`
+	Admitted   int64    `json:"admitted_units"`
+	Published  int64    `json:"published_units"`
+	Keys       int      `json:"keys"` // (customer, feature) pairs with admitted or published usage
+	Mismatched int      `json:"mismatched_keys"`
+	Examples   []string `json:"examples,omitempty"`
+	Seconds    float64  `json:"seconds_to_agree,omitempty"`
+	Transport  int64    `json:"transport_errors"` // answers lost: such a request may go either way
+}
+
+// track starts counting p's 2xx answers to wl's templates, in every phase.
+func (e *env) track(p *proc, wl *workload) []atomic.Int64 {
+	c := make([]atomic.Int64, len(wl.reqs))
+	e.admitted[p] = c
+	return c
+}
+
+// admittedUnits turns per-template counts into units per (customer, feature).
+func admittedUnits(wl *workload, counts []atomic.Int64) map[[2]string]int64 {
+	out := map[[2]string]int64{}
+	for t := range counts {
+		n := counts[t].Load()
+		if n == 0 {
+			continue
+		}
+		for _, u := range wl.uses[t] {
+			out[[2]string{u.customer, u.feature}] += n * u.n
+		}
+	}
+	return out
+}
+
+// checkUsage runs the usage check of sidecar p after its load.
+func (e *env) checkUsage(ctx context.Context, p *proc, wl *workload, transportErrors int64) usageCheck {
+	uc := usageCheck{Status: "not_available", Transport: transportErrors}
+	counts, ok := e.admitted[p]
+	if !ok {
+		uc.Reason = "the harness did not track this sidecar's answers"
+		return uc
+	}
+	want := admittedUnits(wl, counts)
+	for _, v := range want {
+		uc.Admitted += v
+	}
+	switch {
+	case !e.caps[capUsage]:
+		uc.Reason = "not available in this build: gatehouse serve publishes no usage (`gatehouse version` lists no capability usage-outbox, and check-config does not know usage.enabled)"
+		return uc
+	case !e.o.Usage:
+		uc.Reason = "-usage=false: the sidecar ran with usage accounting off"
+		return uc
+	}
+	start := time.Now()
+	var last int64 = -1
+	stable := 0
+	for {
+		got, err := publishedUsage(ctx, e.bin.gatehouse, p.config)
+		if err != nil {
+			uc.Status, uc.Reason = "fail", err.Error()
+			return uc
+		}
+		uc.Published, uc.Mismatched, uc.Examples = 0, 0, nil
+		keys := map[[2]string]bool{}
+		for k, v := range got {
+			uc.Published += v
+			keys[k] = true
+		}
+		for k := range want {
+			keys[k] = true
+		}
+		var bad []string
+		for k := range keys {
+			if got[k] != want[k] {
+				uc.Mismatched++
+				bad = append(bad, fmt.Sprintf("%s/%s: admitted %d, published %d", k[0], k[1], want[k], got[k]))
+			}
+		}
+		uc.Keys = len(keys)
+		sort.Strings(bad)
+		if len(bad) > 10 {
+			bad = bad[:10]
+		}
+		uc.Examples = bad
+		uc.Seconds = time.Since(start).Seconds()
+		if uc.Mismatched == 0 {
+			uc.Status = "pass"
+			break
+		}
+		if uc.Published == last {
+			stable++
+		} else {
+			stable = 0
+		}
+		last = uc.Published
+		if stable >= 3 || time.Since(start) > 45*time.Second || ctx.Err() != nil {
+			uc.Status = "fail"
+			uc.Reason = "published usage stopped changing before it matched"
+			break
+		}
+		sleepCtx(ctx, time.Second)
+	}
+	e.logf("%s: usage check %s: admitted %d units, published %d, %d of %d keys differ (%.1f s)",
+		p.name, uc.Status, uc.Admitted, uc.Published, uc.Mismatched, uc.Keys, uc.Seconds)
+	return uc
+}
+
+// publishedUsage runs `gatehouse usage -config FILE -json` and sums it per (customer,
+// feature) over windows.
+func publishedUsage(ctx context.Context, bin, config string) (map[[2]string]int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	var stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, "usage", "-config", config, "-json")
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("gatehouse usage: %v: %s", err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	var totals []struct {
+		CustomerID string `json:"customer_id"`
+		Feature    string `json:"feature"`
+		Quantity   int64  `json:"quantity"`
+	}
+	if err := json.Unmarshal(out, &totals); err != nil {
+		return nil, fmt.Errorf("gatehouse usage -json: %w", err)
+	}
+	got := map[[2]string]int64{}
+	for _, t := range totals {
+		got[[2]string{t.CustomerID, t.Feature}] += t.Quantity
+	}
+	return got, nil
+}
+
+// usageVerdict adds the usage check to a scenario's checks when it ran.
+func usageVerdict(res *scenarioResult) {
+	u := res.UsageCheck
+	if u.Status == "not_available" {
+		return
+	}
+	res.check("published usage == admitted usage", u.Status == "pass",
+		"admitted %d units, published %d; %d of %d (customer, feature) keys differ; %d answers lost in transport",
+		u.Admitted, u.Published, u.Mismatched, u.Keys, u.Transport)
+}
