@@ -114,9 +114,12 @@ func TestLeaseSize(t *testing.T) {
 		free, holders, need, min, max int64
 		want                          int64
 	}{
-		{"no rate yet: min lease", 0, 1_000_000, 1, 1, 10, 100_000, 10},
-		{"rate times period", 1000, 1_000_000, 4, 1, 10, 100_000, 2000},
+		{"no rate yet: a share of what is left", 0, 1_000_000, 1, 1, 10, 100_000, 62_500},
+		{"no rate yet, little left: min lease", 0, 100, 1, 1, 10, 100_000, 10},
+		{"rate times period", 1000, 100_000, 4, 1, 10, 100_000, 2000},
+		{"rate times period below the share of what is left", 1000, 1_000_000, 4, 1, 10, 100_000, 15_625},
 		{"max lease", 1e9, 1e12, 4, 1, 10, 100_000, 100_000},
+		{"huge limit, low rate: max lease at once", 1, 1e12, 4, 1, 10, 100_000, 100_000},
 		{"near the end: free/(2 sidecars)", 1000, 800, 4, 1, 10, 100_000, 100},
 		{"the last units one by one", 1000, 7, 4, 1, 10, 100_000, 1},
 		{"one unit left", 1000, 1, 1, 1, 10, 100_000, 1},
@@ -126,7 +129,7 @@ func TestLeaseSize(t *testing.T) {
 		{"over the limit", 1000, -5, 4, 1, 10, 100_000, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := leaseSize(tc.rate, period, tc.min, tc.max, tc.free, tc.holders, tc.need); got != tc.want {
+			if got := leaseSize(tc.rate, period, tc.min, tc.max, tc.max, tc.free, tc.holders, tc.need); got != tc.want {
 				t.Errorf("leaseSize = %d, want %d", got, tc.want)
 			}
 		})

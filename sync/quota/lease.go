@@ -361,20 +361,29 @@ func (m *Manager) size(l *lease, free, holders, need int64) int64 {
 	} else {
 		l.rateAt, l.rateUse = now, used
 	}
-	return leaseSize(l.rate, m.opts.LeasePeriod, m.opts.MinLease, min(m.opts.MaxLease, max(2*l.size, m.opts.MinLease)), free, holders, need)
+	return leaseSize(l.rate, m.opts.LeasePeriod, m.opts.MinLease, min(m.opts.MaxLease, max(2*l.size, m.opts.MinLease)), m.opts.MaxLease, free, holders, need)
 }
 
-// leaseSize is the arithmetic of size; maxLease is already at most twice the last lease.
-func leaseSize(rate float64, period time.Duration, minLease, maxLease, free, holders, need int64) int64 {
+// farShare is the part of what is left, per sidecar, that a lease takes at least: far
+// from the limit a lease is then large whatever the rate (a customer with a huge limit
+// and a low rate would otherwise refill every min_lease requests), and it shrinks as the
+// limit nears.
+const farShare = 16
+
+// leaseSize is the arithmetic of size; maxLease is already at most twice the last lease,
+// capLease is Options.MaxLease.
+func leaseSize(rate float64, period time.Duration, minLease, maxLease, capLease, free, holders, need int64) int64 {
 	if free < need || free <= 0 {
 		return 0
 	}
+	holders = max(holders, 1)
 	maxLease = max(maxLease, minLease)
 	n := maxLease
 	if want := rate * period.Seconds(); want < float64(maxLease) {
 		n = max(int64(want), minLease)
 	}
-	n = min(n, max(free/(2*max(holders, 1)), 1))
+	n = max(n, min(free/(farShare*holders), capLease))
+	n = min(n, max(free/(2*holders), 1))
 	return min(max(n, need), free)
 }
 
