@@ -14,11 +14,24 @@ import (
 	"github.com/gatehouse-dev/gatehouse/sync/natsd"
 	"github.com/gatehouse-dev/gatehouse/sync/replica"
 	"github.com/gatehouse-dev/gatehouse/sync/usage"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 )
 
 // clientTimeout bounds the one-shot commands' work against NATS.
 const clientTimeout = 30 * time.Second
+
+// withClient runs a one-shot command's work against NATS, bounded by clientTimeout.
+func withClient(ctx context.Context, cfg *config.Config, fn func(ctx context.Context, js jetstream.JetStream) error) error {
+	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
+	defer cancel()
+	nc, err := connectClient(ctx, cfg, zap.NewNop())
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	return fn(ctx, nc.JS())
+}
 
 // connectClient connects a one-shot command to the configured NATS, or, with no URLs,
 // to the embedded server of a sidecar running with this configuration.
@@ -57,32 +70,27 @@ func cmdPush(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return &exitError{code: 2, err: err}
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
-	defer cancel()
-	nc, err := connectClient(ctx, cfg, zap.NewNop())
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	kv, err := replica.EnsureBucket(ctx, nc.JS())
-	if err != nil {
-		return err
-	}
-	if *del != "" {
-		if err := replica.Delete(ctx, kv, *del); err != nil {
+	return withClient(ctx, cfg, func(ctx context.Context, js jetstream.JetStream) error {
+		kv, err := replica.EnsureBucket(ctx, js)
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "revoked %s\n", *del)
-		return nil
-	}
-	res, err := replica.Push(ctx, kv, docs, zap.NewNop())
-	out, _ := json.Marshal(res)
-	fmt.Fprintf(stdout, "%s\n", out)
-	var fe limiter.FileErrors
-	if errors.As(err, &fe) {
-		return &exitError{code: 2, err: err}
-	}
-	return err
+		if *del != "" {
+			if err := replica.Delete(ctx, kv, *del); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "revoked %s\n", *del)
+			return nil
+		}
+		res, err := replica.Push(ctx, kv, docs, zap.NewNop())
+		out, _ := json.Marshal(res)
+		fmt.Fprintf(stdout, "%s\n", out)
+		var fe limiter.FileErrors
+		if errors.As(err, &fe) {
+			return &exitError{code: 2, err: err}
+		}
+		return err
+	})
 }
 
 func cmdUsage(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -96,16 +104,11 @@ func cmdUsage(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
-	defer cancel()
-	nc, err := connectClient(ctx, cfg, zap.NewNop())
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	totals, err := usage.Totals(ctx, nc.JS())
-	if err != nil {
-		return err
-	}
-	return usage.PrintTotals(stdout, totals, *asJSON)
+	return withClient(ctx, cfg, func(ctx context.Context, js jetstream.JetStream) error {
+		totals, err := usage.Totals(ctx, js)
+		if err != nil {
+			return err
+		}
+		return usage.PrintTotals(stdout, totals, *asJSON)
+	})
 }
