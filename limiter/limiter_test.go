@@ -611,7 +611,11 @@ func TestReserveCommitAllocs(t *testing.T) {
 
 // BenchmarkDecision is the decision on the request path: look the customer up in memory,
 // reserve and commit, across 10,000 customers whose counters exist.
-func BenchmarkDecision(b *testing.B) {
+func BenchmarkDecision(b *testing.B) { benchDecision(b, nil) }
+
+// benchDecision runs the decision benchmark, serial and parallel, with q as the
+// limiter's quota (nil: none).
+func benchDecision(b *testing.B, q Quota) {
 	const customers = 10000
 	snaps := make([]*Snapshot, customers)
 	ids := make([][]byte, customers)
@@ -623,6 +627,9 @@ func BenchmarkDecision(b *testing.B) {
 	}
 	src := NewMemorySource(snaps...)
 	l := New()
+	if q != nil {
+		l.SetQuota(q)
+	}
 	uses := []Use{{Feature: "api_calls", ID: FeatureID("api_calls"), Cost: 1}, {Feature: "advanced_analytics", ID: FeatureID("advanced_analytics")}}
 	var r Reservation
 	for _, id := range ids {
@@ -637,8 +644,7 @@ func BenchmarkDecision(b *testing.B) {
 		i := 0
 		for b.Loop() {
 			r.Reset()
-			s := src.Customer(ids[i])
-			if d := l.Reserve(s, uses, testNow, false, &r); d.Reason != OK {
+			if d := l.Reserve(src.Customer(ids[i]), uses, testNow, false, &r); d.Reason != OK {
 				b.Fatal(d)
 			}
 			out = l.Commit(&r, out[:0])
