@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -10,13 +9,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 	_ "time/tzdata" // the snapshots' Etc/GMT zones must resolve wherever the tests run
 
 	"github.com/gatehouse-dev/gatehouse/config"
 	"github.com/gatehouse-dev/gatehouse/internal/sidecar"
+	"github.com/gatehouse-dev/gatehouse/internal/testutil"
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/gatehouse-dev/gatehouse/sync/replica"
 	"github.com/gatehouse-dev/gatehouse/sync/usage"
@@ -173,30 +172,10 @@ func eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
 	}
 }
 
-// lockedBuffer collects log output from many goroutines.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) Sync() error { return nil }
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // testLogger returns a logger into a buffer that the test prints (its tail) only when it
 // fails: a sidecar's goroutines may still log while a test ends, which t.Log forbids.
-func testLogger(t testing.TB) (*zap.Logger, *lockedBuffer) {
-	buf := &lockedBuffer{}
+func testLogger(t testing.TB) (*zap.Logger, *testutil.Buffer) {
+	buf := &testutil.Buffer{}
 	enc := zap.NewDevelopmentEncoderConfig()
 	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(enc), buf, zap.InfoLevel))
 	t.Cleanup(func() {

@@ -4,7 +4,9 @@
 package testutil
 
 import (
+	"bytes"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -83,4 +85,27 @@ func Echo(t testing.TB) string {
 	go func() { _ = echo.Serve(ln, false) }()
 	t.Cleanup(func() { ln.Close() })
 	return ln.Addr().String()
+}
+
+// Buffer is a bytes.Buffer that many goroutines may write while a test reads it: a
+// zapcore.WriteSyncer for captured logs, or a command's output.
+type Buffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// Sync makes Buffer a zapcore.WriteSyncer.
+func (b *Buffer) Sync() error { return nil }
+
+// String returns what was written so far.
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

@@ -1,7 +1,6 @@
 package flexprice
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -9,42 +8,22 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/gatehouse-dev/gatehouse/config"
 	fpt "github.com/gatehouse-dev/gatehouse/internal/flexpricetest"
+	"github.com/gatehouse-dev/gatehouse/internal/testutil"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
-
-// lockedBuffer collects log output from many goroutines.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) Sync() error { return nil }
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 func TestAPIKeyNeverLogged(t *testing.T) {
 	const key = "sk_live_TOPSECRET_4242"
 	e := newEnv(t, fpt.Options{APIKey: key})
 	e.catalogue()
 	e.acme()
-	var logs lockedBuffer
+	var logs testutil.Buffer
 	logger := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewDevelopmentEncoderConfig()), &logs, zap.DebugLevel))
 	// Every path that logs: retries after 500, 429 and timeouts, webhooks, parked events.
 	e.fp.FailNext("/v1/customers/external/acme/entitlements", 1, 500)
