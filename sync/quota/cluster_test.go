@@ -30,8 +30,17 @@ func TestFleetCluster(t *testing.T) {
 		{Bucket: replica.DefaultBucket, History: 1, Storage: jetstream.FileStorage, Replicas: 3, MaxValueSize: limiter.MaxSnapshotBytes},
 		{Bucket: quota.DefaultBucket, History: 1, Storage: jetstream.FileStorage, Replicas: 3, LimitMarkerTTL: time.Minute},
 	} {
-		if _, err := js.CreateKeyValue(ctx, cfg); err != nil {
-			t.Fatalf("create bucket %s: %v", cfg.Bucket, err)
+		// The cluster may not have placed every peer in JetStream's meta group yet:
+		// retry "no suitable peers" until the deadline.
+		for {
+			_, err := js.CreateKeyValue(ctx, cfg)
+			if err == nil {
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("create bucket %s: %v", cfg.Bucket, err)
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	f := newFleet(t, c.urls(), 4, []*limiter.Snapshot{fleetSnap(t, fleetLimit)}, func(cfg *config.Config) {
