@@ -16,38 +16,48 @@
 //	              a big-endian u64
 //	u/o/k/<ck>    outbox total: batches folded into one entry per key when the outbox
 //	              reached its size bound
-//	u/p/<mseq>    pending message: the exact bytes to publish as message mseq, fixed
-//	              before the first publish attempt (at most one at a time)
-//	u/c/<ck>      counter: usage of one (customer, feature, window) that has left the
-//	              outbox for a message; end:i64 | quantity:i64 | overage:i64
+//	u/p/<mseq>    message mseq: its deltas in binary, with their windows' ends; the one
+//	              above the acknowledged sequence is pending (at most one), the others
+//	              are acknowledged and not yet settled into the counters
+//	u/c/<ck>      counter: settled usage of one (customer, feature, window);
+//	              end:i64 | quantity:i64 | overage:i64
 //	u/s/ack       the last acknowledged message: mseq:u64 | stream sequence:u64
+//	u/s/floor     batches below this bseq are in messages (their deletion may lag)
+//	u/s/settled   mseq:u64 | index:u64: messages below mseq are settled into the
+//	              counters, and so are the first index deltas of message mseq
 //
 // where <ck> is uvarint(len(customer)) customer uvarint(len(feature)) feature
 // windowStart:u64.
 //
-// A group commit writes one entry (its batch), whatever the number of keys it touches.
-// Each unit of usage is in exactly one of a batch, a total or a counter: the cut that
-// makes a pending message moves its usage from the outbox to the counters in the same
-// transaction. So a counter's durable value, which Restore gives the limiter, is its
-// u/c/ entry plus its deltas still in the outbox, and it changes atomically with the
-// outbox entry that records the usage.
+// A group commit writes one entry (its batch), whatever the number of keys it touches,
+// and starts as soon as the writer is free: batches grow with the load. Each unit of
+// usage is, at every moment, in exactly one of a batch at or above the floor, a folded
+// total, a message at or past the settle mark, and a counter: the cut writes a message
+// and raises the floor in one transaction; each settle step adds some of an
+// acknowledged message's deltas to the counters and moves the mark past them in one
+// transaction. So a counter's durable value, which Restore gives the limiter, is the sum
+// of its parts in those four places. Every transaction of the publisher is small (the
+// cut writes three entries or so, a settle step 128 counters, a sweep of published
+// batches 256 deletions), so that a group commit never waits long behind it in
+// Badger's write queue.
 //
 // # Exactly once
 //
 // The publisher moves the outbox entries it is about to send into one pending record,
 // with its message sequence, in one Badger transaction; from then on the message's id
-// (<sidecar_id>:<epoch>:<mseq>) and bytes never change. It publishes with Nats-Msg-Id
-// and with the expected last subject sequence set to the stream sequence of the last
-// message this sidecar saw acknowledged (persisted in u/s/ack), so the server stores
-// the message only if nothing, this message included, was stored on the subject since.
-// The acknowledgement's sequence and the deletion of the pending record are written in
-// one transaction. When a publish is refused for a wrong last sequence, the last
-// message on the subject decides: if it carries the pending id and the pending bytes, an
-// earlier attempt stored it (its acknowledgement was lost) and it is recorded as
-// acknowledged; if the subject holds less than this sidecar had acknowledged (a purge,
-// an age limit), publishing goes on from there; if it holds only an earlier epoch's
-// messages and this epoch has published nothing, they are the baseline; anything else
-// is a conflict (another process with this sidecar id, or a restored copy of this data
-// directory that reuses ids), which is logged, counted, reported and retried without
-// dropping the message. No step relies on the duplicate window.
+// (<sidecar_id>:<epoch>:<mseq>) and bytes never change (the JSON is a function of the
+// record, see appendMessageJSON). It publishes with Nats-Msg-Id and with the expected
+// last subject sequence set to the stream sequence of the last message this sidecar saw
+// acknowledged (persisted in u/s/ack), so the server stores the message only if
+// nothing, this message included, was stored on the subject since. Writing the
+// acknowledged sequence turns the pending record into an acknowledged one. When a
+// publish is refused for a wrong last sequence, the last message on the subject
+// decides: if it carries the pending id and the pending bytes, an earlier attempt
+// stored it (its acknowledgement was lost) and it is recorded as acknowledged; if the
+// subject holds less than this sidecar had acknowledged (a purge, an age limit),
+// publishing goes on from there; if it holds only an earlier epoch's messages and this
+// epoch has published nothing, they are the baseline; anything else is a conflict
+// (another process with this sidecar id, or a restored copy of this data directory
+// that reuses ids), which is logged, counted, reported and retried without dropping the
+// message. No step relies on the duplicate window.
 package usage

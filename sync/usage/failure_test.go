@@ -307,8 +307,10 @@ func TestOutboxBound(t *testing.T) {
 	var maxBytes int64
 	eventually(t, "the outbox at its bound", func() bool {
 		s := r.Stats()
-		maxBytes = max(maxBytes, s.OutboxBytes)
-		return s.AtBound && s.Compactions >= 3 && s.Records > 20000
+		if s.Compactions > 0 { // the first fold waits for the publisher, which may be mid-publish
+			maxBytes = max(maxBytes, s.OutboxBytes)
+		}
+		return s.AtBound && s.Compactions >= 5 && s.Records > 200000
 	})
 	close(stop)
 	if err := wait(); err != nil {
@@ -316,10 +318,13 @@ func TestOutboxBound(t *testing.T) {
 	}
 	eventually(t, "the outbox folded under its bound", func() bool { return r.Stats().OutboxBytes < bound })
 	s := r.Stats()
-	// Unfolded, the outbox would hold one entry per group commit (over a megabyte here);
-	// between folds it overshoots by what one fold interval commits.
-	if maxBytes > 8*bound {
-		t.Fatalf("outbox reached %d bytes with a bound of %d", maxBytes, bound)
+	// Unfolded, the outbox would hold one entry per group commit (at least 40 bytes
+	// each, megabytes here). Folded, it overshoots the bound by what the group commits
+	// write while one fold runs: a constant, not a share of the bound (it is large
+	// against this tiny bound, and this loop commits far more often than a proxy does).
+	const slack = 1 << 20
+	if unfolded := int64(s.Batches) * 40; maxBytes > bound+slack || maxBytes*4 > unfolded {
+		t.Fatalf("outbox reached %d bytes with a bound of %d (unfolded at least %d)", maxBytes, bound, unfolded)
 	}
 	if !s.AtBound || s.OutboxKeys == 0 || s.OutboxKeys > 21 {
 		t.Fatalf("stats at the bound %+v", s)

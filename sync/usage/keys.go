@@ -15,6 +15,8 @@ const (
 	prefixTotal   = "u/o/k/"
 	prefixPending = "u/p/"
 	keyAck        = "u/s/ack"
+	keyFloor      = "u/s/floor"
+	keySettled    = "u/s/settled"
 )
 
 var errCorrupt = errors.New("usage: corrupt record")
@@ -229,10 +231,99 @@ func pendingKey(seq uint64) []byte {
 	return binary.BigEndian.AppendUint64([]byte(prefixPending), seq)
 }
 
-// A pending value is: records:u64 | the message's JSON.
-func appendPending(b []byte, records int64, msg []byte) []byte {
+// A message value (u/p/<seq>) is: version 2 | records:u64 | from:u64 | to:u64 |
+// n:uvarint | n × (ck | end:u64 | quantity:varint | overage:varint). The message's JSON
+// is a function of the value, the sidecar id, the epoch and the sequence
+// (appendMessageJSON), so it is not stored: each publish attempt of a message sends the
+// same bytes. Settling into the counters and Restore read the deltas without JSON. A
+// value whose first byte is 0 is version 1 (records:u64 | the JSON), written by a
+// gatehouse that moved usage into the counters at the cut: its deltas are counted
+// already.
+const messageVersion = 2
+
+func appendMessageValue(b []byte, records, from, to int64, entries []batchEntry) []byte {
+	b = append(b, messageVersion)
 	b = binary.BigEndian.AppendUint64(b, uint64(records))
-	return append(b, msg...)
+	b = binary.BigEndian.AppendUint64(b, uint64(from))
+	b = binary.BigEndian.AppendUint64(b, uint64(to))
+	b = binary.AppendUvarint(b, uint64(len(entries)))
+	for i := range entries {
+		e := &entries[i]
+		b = appendCK(b, &e.k)
+		b = binary.BigEndian.AppendUint64(b, uint64(e.d.end))
+		b = binary.AppendVarint(b, e.d.quantity)
+		b = binary.AppendVarint(b, e.d.overage)
+	}
+	return b
+}
+
+// messageValue is a decoded u/p/ value.
+type messageValue struct {
+	counted  bool         // version 1: the deltas are in the counters already
+	records  int64        // usage records in the message
+	from, to int64        // version 2: the message's time span, unix nanoseconds
+	entries  []batchEntry // version 2: the deltas, in message order
+	json     []byte       // version 1: the bytes published
+}
+
+// decodeMessageValue decodes v; json aliases v.
+func decodeMessageValue(v []byte) (messageValue, error) {
+	if len(v) > 0 && v[0] == 0 { // version 1
+		if len(v) < 8 {
+			return messageValue{}, errCorrupt
+		}
+		return messageValue{counted: true, records: int64(binary.BigEndian.Uint64(v)), json: v[8:]}, nil
+	}
+	if len(v) == 0 || v[0] != messageVersion {
+		return messageValue{}, fmt.Errorf("%w: message version", errCorrupt)
+	}
+	d := decoder{b: v[1:]}
+	m := messageValue{records: int64(d.u64()), from: int64(d.u64()), to: int64(d.u64())}
+	n := d.uvarint()
+	if d.err == nil && n > uint64(len(d.b)) {
+		d.err = errCorrupt
+	}
+	if d.err == nil {
+		m.entries = make([]batchEntry, 0, n)
+	}
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		var e batchEntry
+		e.k = d.ck()
+		e.d.end = int64(d.u64())
+		e.d.quantity = d.varint()
+		e.d.overage = d.varint()
+		m.entries = append(m.entries, e)
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.err = errCorrupt
+	}
+	return m, d.err
+}
+
+// settleMark is how far acknowledged messages are settled into the counters: messages
+// below seq are, and so are the first index deltas of message seq.
+type settleMark struct {
+	seq   uint64
+	index uint64
+}
+
+func (f settleMark) encode() []byte {
+	b := binary.BigEndian.AppendUint64(make([]byte, 0, 16), f.seq)
+	return binary.BigEndian.AppendUint64(b, f.index)
+}
+
+func decodeSettleMark(v []byte) (settleMark, error) {
+	d := decoder{b: v}
+	f := settleMark{seq: d.u64(), index: d.u64()}
+	return f, d.err
+}
+
+func encodeU64(v uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 8), v) }
+
+func decodeU64(v []byte) (uint64, error) {
+	d := decoder{b: v}
+	x := d.u64()
+	return x, d.err
 }
 
 // ackState is the last acknowledged message: its sequence and its stream sequence.

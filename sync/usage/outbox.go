@@ -6,8 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -15,22 +15,27 @@ import (
 	"go.uber.org/zap"
 )
 
+// maxCutBatches bounds the batches one message takes, so that one cut takes bounded
+// time after a long outage.
+const maxCutBatches = 1 << 16
+
 // deltaJSONOverhead bounds the JSON bytes of one delta beyond its customer and feature.
 const deltaJSONOverhead = 160
 
-// load reads the outbox, the pending message and the acknowledged sequence.
+// load reads the outbox, the messages (pending and acknowledged but not yet folded into
+// the counters) and the publisher's marks.
 func (r *Recorder) load() error {
 	p := &r.p
 	p.totals = make(map[limiter.CounterKey]*delta)
 	p.counters = make(map[limiter.CounterKey]counter)
 	return r.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get([]byte(keyAck))
-		switch {
-		case err == nil:
-			if err := item.Value(func(v []byte) (err error) { p.acked, err = decodeAck(v); return err }); err != nil {
-				return fmt.Errorf("%s: %w", keyAck, err)
-			}
-		case !errors.Is(err, badger.ErrKeyNotFound):
+		if err := getValue(txn, keyAck, func(v []byte) (err error) { p.acked, err = decodeAck(v); return err }); err != nil {
+			return err
+		}
+		if err := getValue(txn, keyFloor, func(v []byte) (err error) { p.batchFloor, err = decodeU64(v); return err }); err != nil {
+			return err
+		}
+		if err := getValue(txn, keySettled, func(v []byte) (err error) { p.settled, err = decodeSettleMark(v); return err }); err != nil {
 			return err
 		}
 		r.st.ackedSeq.Store(p.acked.seq)
@@ -41,24 +46,34 @@ func (r *Recorder) load() error {
 		defer it.Close()
 		for it.Seek([]byte(prefixPending)); it.ValidForPrefix([]byte(prefixPending)); it.Next() {
 			item := it.Item()
-			size := int64(len(item.Key())) + item.ValueSize()
+			seq := binary.BigEndian.Uint64(item.Key()[len(prefixPending):])
 			v, err := item.ValueCopy(nil)
 			if err != nil {
 				return err
 			}
-			if p.pending != nil {
-				// Never written so; keep it, publish the first one.
-				r.log.Error("more than one pending usage message; publishing the lowest first", zap.Binary("key", item.KeyCopy(nil)))
-				bytes += size
-				continue
-			}
-			pm, err := decodePending(binary.BigEndian.Uint64(item.Key()[len(prefixPending):]), v)
+			mv, err := decodeMessageValue(v)
 			if err != nil {
-				return fmt.Errorf("pending message: %w", err)
+				return fmt.Errorf("usage message %d: %w", seq, err)
 			}
-			pm.size = size
-			p.pending = pm
-			bytes += size
+			switch {
+			case seq <= p.acked.seq && !mv.counted && seq >= p.settled.seq:
+				// Acknowledged; its deltas are still to be folded into the counters.
+				p.log = append(p.log, &logMsg{seq: seq, entries: mv.entries})
+			case seq <= p.acked.seq:
+				p.dead = append(p.dead, item.KeyCopy(nil)) // acknowledged and counted
+			case seq == p.acked.seq+1 && p.pending == nil:
+				pm, err := r.newPending(seq, mv)
+				if err != nil {
+					return fmt.Errorf("pending message: %w", err)
+				}
+				pm.size = int64(len(item.Key())) + item.ValueSize()
+				p.pending = pm
+				bytes += pm.size
+			default:
+				// Never written so; keep it for an operator.
+				r.log.Error("unexpected usage message in the outbox; left alone", zap.Uint64("seq", seq),
+					zap.Uint64("acked_seq", p.acked.seq))
+			}
 		}
 		for it.Seek([]byte(prefixTotal)); it.ValidForPrefix([]byte(prefixTotal)); it.Next() {
 			item := it.Item()
@@ -75,19 +90,27 @@ func (r *Recorder) load() error {
 		}
 		for it.Seek([]byte(prefixBatch)); it.ValidForPrefix([]byte(prefixBatch)); it.Next() {
 			item := it.Item()
-			maxSeq = max(maxSeq, batchSeq(item.Key()))
+			seq := batchSeq(item.Key())
+			maxSeq = max(maxSeq, seq)
+			if seq < p.batchFloor {
+				p.dead = append(p.dead, item.KeyCopy(nil)) // in a message already
+				continue
+			}
 			bytes += int64(len(item.Key())) + item.ValueSize()
 			batches++
 		}
+		maxSeq = max(maxSeq, p.batchFloor-min(p.batchFloor, 1))
 		if batches == 0 && len(p.totals) > 0 {
-			// Let the folded totals count as batch 1, so that Flush waits for them.
-			maxSeq, p.foldedThrough = 1, 1
+			// Let the folded totals count as one more batch, so that Flush waits for them.
+			maxSeq++
+			p.foldedThrough = maxSeq
 		}
 		r.w.seq = maxSeq
 		r.lastBatch.Store(maxSeq)
 		r.st.outboxBytes.Store(bytes)
 		r.st.outboxBatches.Store(batches)
 		r.st.outboxKeys.Store(int64(len(p.totals)))
+		r.st.unsettled.Store(int64(len(p.log)))
 		if p.pending != nil {
 			r.st.pendingSeq.Store(p.pending.seq)
 		}
@@ -95,20 +118,36 @@ func (r *Recorder) load() error {
 	})
 }
 
-func decodePending(seq uint64, v []byte) (*pending, error) {
-	if len(v) < 8 {
-		return nil, errCorrupt
+// getValue calls fn with the value of key, if it is there.
+func getValue(txn *badger.Txn, key string, fn func([]byte) error) error {
+	item, err := txn.Get([]byte(key))
+	switch {
+	case errors.Is(err, badger.ErrKeyNotFound):
+		return nil
+	case err != nil:
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	if err := item.Value(fn); err != nil {
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	return nil
+}
+
+func (r *Recorder) newPending(seq uint64, mv messageValue) (*pending, error) {
+	if !mv.counted {
+		return &pending{
+			seq: seq, id: MsgID(r.sidecarID, r.epoch, seq), records: mv.records, deltas: len(mv.entries),
+			data: appendMessageJSON(nil, r.sidecarID, r.epoch, seq, mv.from, mv.to, mv.entries), entries: mv.entries,
+		}, nil
 	}
 	var m Message
-	if err := json.Unmarshal(v[8:], &m); err != nil {
+	if err := json.Unmarshal(mv.json, &m); err != nil {
 		return nil, err
 	}
 	if m.Seq != seq {
 		return nil, fmt.Errorf("%w: message seq %d under key seq %d", errCorrupt, m.Seq, seq)
 	}
-	return &pending{
-		seq: seq, id: m.ID(), data: v[8:], records: int64(binary.BigEndian.Uint64(v)), deltas: len(m.Deltas),
-	}, nil
+	return &pending{seq: seq, id: m.ID(), data: mv.json, records: mv.records, deltas: len(m.Deltas), counted: true}, nil
 }
 
 // budgets returns how many delta bytes (estimated JSON) one message may carry and how
@@ -137,21 +176,24 @@ func (r *Recorder) shrinkOps(err error, ops int) {
 	}
 }
 
-// deltaSet sums deltas per key, with a running estimate of their JSON size.
+// deltaSet sums deltas per key, in the order the keys first came, with a running
+// estimate of their JSON size. Its index is reused from cut to cut.
 type deltaSet struct {
-	m       map[limiter.CounterKey]*delta
+	idx     map[limiter.CounterKey]int // key -> position in es
+	es      []batchEntry
 	bytes   int
 	records int64
 }
 
 func (s *deltaSet) add(k limiter.CounterKey, d *delta) {
-	cur := s.m[k]
-	if cur == nil {
-		cur = &delta{}
-		s.m[k] = cur
+	i, ok := s.idx[k]
+	if !ok {
+		i = len(s.es)
+		s.idx[k] = i
+		s.es = append(s.es, batchEntry{k: k})
 		s.bytes += len(k.Customer) + len(k.Feature) + deltaJSONOverhead
 	}
-	cur.add(d)
+	s.es[i].d.add(d)
 	s.records += d.records
 }
 
@@ -161,9 +203,14 @@ func (r *Recorder) cut() error {
 	p := &r.p
 	wmark := r.lastBatch.Load() // every batch up to here is visible to the view below
 	budget, maxOps := r.budgets()
-	set := deltaSet{m: make(map[limiter.CounterKey]*delta)}
-	// Each distinct key costs a counter update in the transaction too.
-	full := func(ops int) bool { return len(set.m) > 0 && (set.bytes >= budget || ops+len(set.m) >= maxOps) }
+	if p.setIdx == nil {
+		p.setIdx = make(map[limiter.CounterKey]int)
+	}
+	clear(p.setIdx)
+	set := deltaSet{idx: p.setIdx}
+	// Each folded total taken costs a deletion in the cut's transaction; batches cost
+	// nothing there (the floor covers them), but one cut reads at most maxCutBatches.
+	full := func(ops int) bool { return len(set.es) > 0 && (set.bytes >= budget || ops >= maxOps) }
 
 	ops := 1
 	var takenTotals []limiter.CounterKey
@@ -189,7 +236,7 @@ func (r *Recorder) cut() error {
 			defer it.Close()
 			// Seek past the batches taken before: their tombstones would cost a step each.
 			for it.Seek(batchKey(nil, p.batchFloor)); it.Valid(); it.Next() {
-				if full(ops) {
+				if full(ops) || len(takenBatches) >= maxCutBatches {
 					more = true
 					return nil
 				}
@@ -204,7 +251,6 @@ func (r *Recorder) cut() error {
 				takenBatches = append(takenBatches, item.KeyCopy(nil))
 				batchBytes += int64(len(item.Key())) + item.ValueSize()
 				maxSeq = batchSeq(item.Key())
-				ops++
 			}
 			return nil
 		})
@@ -220,44 +266,35 @@ func (r *Recorder) cut() error {
 			covers = max(covers, wmark)
 		}
 	}
-	if len(set.m) == 0 {
+	if len(set.es) == 0 {
 		p.ackedCovers = covers // nothing to publish: everything up to covers is acknowledged
 		return nil
 	}
 
-	// The usage moves from the outbox to the counters in the cut's transaction, so that
-	// each unit is always in exactly one of batches, totals and counters (see Restore).
-	if err := r.loadCounters(set.m); err != nil {
-		return fmt.Errorf("cut outbox: %w", err)
-	}
-	counters := make(map[limiter.CounterKey]counter, len(set.m))
-	for k, d := range set.m {
-		c := p.counters[k]
-		counters[k] = counter{end: max(c.end, d.end), quantity: c.quantity + d.quantity, overage: c.overage + d.overage}
-	}
+	// The cut's transaction is small whatever the load: the message (one entry), the
+	// floor below which batches are in a message (their deletion follows in the
+	// background, see sweep) and the folded totals it took. The usage moves into the
+	// counters after the acknowledgement, in small steps (see foldLog).
 	seq := p.acked.seq + 1
-	msg, from, to := r.message(seq, set.m)
-	data, err := json.Marshal(msg)
-	if err != nil {
-		return fmt.Errorf("encode message: %w", err)
+	entries := set.es
+	sortEntries(entries)
+	from, to := entries[0].d.from, entries[0].d.to
+	for i := range entries {
+		from, to = min(from, entries[i].d.from), max(to, entries[i].d.to)
 	}
-	key, val := pendingKey(seq), appendPending(nil, set.records, data)
-	err = r.db.Update(func(txn *badger.Txn) error {
+	key, val := pendingKey(seq), appendMessageValue(make([]byte, 0, 64+len(entries)*40), set.records, from, to, entries)
+	data := appendMessageJSON(make([]byte, 0, set.bytes+256), r.sidecarID, r.epoch, seq, from, to, entries)
+	err := r.db.Update(func(txn *badger.Txn) error {
 		if err := txn.Set(key, val); err != nil {
 			return err
 		}
-		for _, k := range takenBatches {
-			if err := txn.Delete(k); err != nil {
+		if maxSeq > 0 {
+			if err := txn.Set([]byte(keyFloor), encodeU64(maxSeq+1)); err != nil {
 				return err
 			}
 		}
 		for i := range takenTotals {
 			if err := txn.Delete(appendCK([]byte(prefixTotal), &takenTotals[i])); err != nil {
-				return err
-			}
-		}
-		for k, c := range counters {
-			if err := txn.Set(appendCK([]byte(prefixCounter), &k), appendCounter(nil, c)); err != nil {
 				return err
 			}
 		}
@@ -267,42 +304,40 @@ func (r *Recorder) cut() error {
 		r.shrinkOps(err, maxOps)
 		return fmt.Errorf("cut outbox into message %d: %w", seq, err)
 	}
-	maps.Copy(p.counters, counters)
-	if now := r.opts.Now(); now.After(p.pruneAt) {
-		horizon := now.Add(-time.Hour).UnixNano()
-		maps.DeleteFunc(p.counters, func(_ limiter.CounterKey, c counter) bool { return c.end <= horizon })
-		p.pruneAt = now.Add(time.Minute)
-	}
 	for _, k := range takenTotals {
 		delete(p.totals, k)
 	}
 	if maxSeq > 0 {
 		p.batchFloor = maxSeq + 1
 	}
+	p.dead = append(p.dead, takenBatches...)
 	size := int64(len(key) + len(val))
-	p.pending = &pending{seq: seq, id: msg.ID(), data: data, size: size, records: set.records, deltas: len(msg.Deltas), covers: covers}
+	p.pending = &pending{seq: seq, id: MsgID(r.sidecarID, r.epoch, seq), data: data, size: size, records: set.records,
+		deltas: len(entries), covers: covers, entries: entries}
 	r.st.pendingSeq.Store(seq)
 	r.st.outboxKeys.Add(-int64(len(takenTotals)))
 	r.st.outboxBatches.Add(-int64(len(takenBatches)))
 	r.st.outboxBytes.Add(size - batchBytes - totalBytes)
 	if ce := r.log.Check(zap.DebugLevel, "usage message cut"); ce != nil {
-		ce.Write(zap.String("msg_id", p.pending.id), zap.Int("deltas", len(msg.Deltas)), zap.Int64("records", set.records),
-			zap.Int("batches", len(takenBatches)), zap.Int("totals", len(takenTotals)), zap.Time("from", from), zap.Time("to", to))
+		ce.Write(zap.String("msg_id", p.pending.id), zap.Int("deltas", len(entries)), zap.Int64("records", set.records),
+			zap.Int("batches", len(takenBatches)), zap.Int("totals", len(takenTotals)),
+			zap.Time("from", time.Unix(0, from)), zap.Time("to", time.Unix(0, to)))
 	}
 	return nil
 }
 
-// loadCounters reads into p.counters the durable counters of the keys of m that it
+// loadCounters reads into p.counters the durable counters of the keys of es that it
 // does not hold. Only the publisher writes counters, so what it holds is what is stored.
-func (r *Recorder) loadCounters(m map[limiter.CounterKey]*delta) error {
+func (r *Recorder) loadCounters(es []batchEntry) error {
 	p := &r.p
 	var key []byte
 	return r.db.View(func(txn *badger.Txn) error {
-		for k := range m {
-			if _, ok := p.counters[k]; ok {
+		for i := range es {
+			k := &es[i].k
+			if _, ok := p.counters[*k]; ok {
 				continue
 			}
-			key = appendCK(append(key[:0], prefixCounter...), &k)
+			key = appendCK(append(key[:0], prefixCounter...), k)
 			var c counter
 			item, err := txn.Get(key)
 			switch {
@@ -311,38 +346,21 @@ func (r *Recorder) loadCounters(m map[limiter.CounterKey]*delta) error {
 				return fmt.Errorf("read counter: %w", err)
 			default:
 				if err := item.Value(func(v []byte) (err error) { c, err = decodeCounter(v); return err }); err != nil {
-					return fmt.Errorf("read counter %v: %w", k, err)
+					return fmt.Errorf("read counter %v: %w", *k, err)
 				}
 			}
-			p.counters[k] = c
+			p.counters[*k] = c
 		}
 		return nil
 	})
 }
 
-// message builds message seq from deltas, sorted by customer, feature and window.
-func (r *Recorder) message(seq uint64, deltas map[limiter.CounterKey]*delta) (m *Message, from, to time.Time) {
-	m = &Message{SidecarID: r.sidecarID, Epoch: r.epoch, Seq: seq, Deltas: make([]Delta, 0, len(deltas))}
-	var f, t int64
-	first := true
-	for k, d := range deltas {
-		if first || d.from < f {
-			f = d.from
-		}
-		if first || d.to > t {
-			t = d.to
-		}
-		first = false
-		m.Deltas = append(m.Deltas, Delta{
-			CustomerID: k.Customer, Feature: k.Feature, WindowStart: time.Unix(0, k.WindowStart).UTC(),
-			Quantity: d.quantity, Overage: d.overage,
-		})
-	}
-	slices.SortFunc(m.Deltas, func(a, b Delta) int {
-		return cmp.Or(cmp.Compare(a.CustomerID, b.CustomerID), cmp.Compare(a.Feature, b.Feature), a.WindowStart.Compare(b.WindowStart))
+// sortEntries orders a message's deltas by customer, feature and window.
+func sortEntries(es []batchEntry) {
+	slices.SortFunc(es, func(a, b batchEntry) int {
+		return cmp.Or(strings.Compare(a.k.Customer, b.k.Customer), strings.Compare(a.k.Feature, b.k.Feature),
+			cmp.Compare(a.k.WindowStart, b.k.WindowStart))
 	})
-	m.From, m.To = time.Unix(0, f).UTC(), time.Unix(0, t).UTC()
-	return m, m.From, m.To
 }
 
 type batchEntry struct {
@@ -367,7 +385,9 @@ func (r *Recorder) maybeFold() {
 	if bytes < r.opts.MaxOutboxBytes || r.st.outboxBatches.Load() == 0 {
 		return
 	}
-	if time.Since(r.p.lastFold) < min(r.opts.FlushInterval, 250*time.Millisecond) {
+	// Folding is paced while the outbox is near its bound, not once it is well past it
+	// (group commits can outpace the pace).
+	if bytes < 2*r.opts.MaxOutboxBytes && time.Since(r.p.lastFold) < min(r.opts.FlushInterval, 250*time.Millisecond) {
 		return
 	}
 	r.p.lastFold = time.Now()

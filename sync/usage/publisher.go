@@ -29,11 +29,16 @@ type publisher struct {
 	nextTry  time.Time                      // no attempt before this, after a failure
 	lastLog  time.Time                      // last failure logged at warn level
 	lastFold time.Time                      // last fold of the outbox
+	log      []*logMsg                      // acknowledged messages still to settle into the counters, oldest first
+	settled  settleMark                     // how far they are settled, as in u/s/settled
+	dead     [][]byte                       // keys of entries that are counted elsewhere, to delete (see sweep)
+	setIdx   map[limiter.CounterKey]int     // the cut's index, reused
+	houseErr time.Time                      // settling or sweeping failed: no retry before this
 
 	// Coverage, for Flush: every batch with a sequence up to ackedCovers is published.
 	ackedCovers   uint64
 	foldedThrough uint64 // highest batch sequence folded into totals
-	batchFloor    uint64 // no batch below this sequence is left in the outbox
+	batchFloor    uint64 // batches below this sequence are in messages (u/s/floor) or folded
 	opsLimit      int    // when > 0, fewer entries per transaction (Badger refused more)
 }
 
@@ -45,7 +50,15 @@ type pending struct {
 	size    int64  // key and value bytes in Badger
 	records int64
 	deltas  int
-	covers  uint64 // batches up to this sequence are published once it is acknowledged
+	covers  uint64       // batches up to this sequence are published once it is acknowledged
+	entries []batchEntry // the deltas, in message order, to settle into the counters
+	counted bool         // written by an earlier version: the deltas are counted already
+}
+
+// logMsg is an acknowledged message whose deltas are not all settled into the counters.
+type logMsg struct {
+	seq     uint64
+	entries []batchEntry
 }
 
 type flushWaiter struct {
@@ -78,6 +91,13 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 		r.maybeFold()
 		wait := r.step(ctx, &due)
 		if ctx.Err() != nil || r.crashed.Load() {
+			r.failWaiters(ErrClosed)
+			return
+		}
+		if wait != 0 && r.housekeep() {
+			wait = 0
+		}
+		if r.crashed.Load() {
 			r.failWaiters(ErrClosed)
 			return
 		}
@@ -256,7 +276,10 @@ func (r *Recorder) acknowledge(streamSeq uint64) error {
 		if err := txn.Set([]byte(keyAck), next.encode()); err != nil {
 			return err
 		}
-		return txn.Delete(pendingKey(p.seq))
+		if p.counted {
+			return txn.Delete(pendingKey(p.seq))
+		}
+		return nil // the message stays until its deltas are settled into the counters
 	})
 	if err != nil {
 		// The message is stored; the republish will be recognised.
@@ -264,6 +287,10 @@ func (r *Recorder) acknowledge(streamSeq uint64) error {
 	}
 	r.p.acked = next
 	r.p.pending = nil
+	if !p.counted {
+		r.p.log = append(r.p.log, &logMsg{seq: p.seq, entries: p.entries})
+		r.st.unsettled.Store(int64(len(r.p.log)))
+	}
 	r.p.ackedCovers = max(r.p.ackedCovers, p.covers)
 	r.st.pendingSeq.Store(0)
 	r.st.ackedSeq.Store(p.seq)

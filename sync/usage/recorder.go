@@ -2,6 +2,7 @@ package usage
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strings"
@@ -19,7 +20,7 @@ import (
 // Defaults of Options.
 const (
 	DefaultFlushInterval  = time.Second
-	DefaultCommitInterval = time.Millisecond
+	DefaultCommitInterval = 0
 	DefaultStreamReplicas = 1
 	DefaultMaxOutboxBytes = 256 << 20
 )
@@ -44,8 +45,10 @@ type Options struct {
 	Log *zap.Logger
 	// FlushInterval is how often committed usage is published as one message; default 1s.
 	FlushInterval time.Duration
-	// CommitInterval is the longest a Record waits for its group commit to start;
-	// default 1ms. A commit also starts as soon as the previous one is done.
+	// CommitInterval is how long the first Record of a batch waits for company when
+	// the writer is idle; default 0: the commit starts at once, and the Records that
+	// arrive while it is in flight form the next batch, so batches grow with the load.
+	// A commit always starts as soon as the previous one is done.
 	CommitInterval time.Duration
 	// StreamReplicas is the replication of the stream when the recorder creates it;
 	// default 1. An existing stream is used as it is.
@@ -75,7 +78,11 @@ type Recorder struct {
 	maxBackoff      time.Duration // longest wait between publish attempts
 	conflictBackoff time.Duration // wait after a conflict on the subject
 	requestTimeout  time.Duration // one JetStream request
-	hooks           hooks
+	// Housekeeping steps are one small transaction each, so that no group commit waits
+	// long behind the publisher in Badger's write queue.
+	settleChunk int // deltas settled into the counters per transaction
+	sweepChunk  int // entries counted elsewhere deleted per transaction; 0: none (tests)
+	hooks       hooks
 
 	mu    sync.Mutex        // protects queue, free and state
 	queue []*batch          // batches waiting for the writer, oldest first; only the last takes appends
@@ -116,6 +123,9 @@ type hooks struct {
 	// beforeAck returning true stops the publisher as a crash would, after the server
 	// stored the message and before the acknowledgement is recorded.
 	beforeAck func() bool
+	// afterSettle returning true stops the publisher as a crash would, after a settle
+	// step committed.
+	afterSettle func() bool
 }
 
 // New opens the recorder's state in the store: outbox, pending message and sequence.
@@ -139,7 +149,7 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = DefaultFlushInterval
 	}
-	if opts.CommitInterval <= 0 {
+	if opts.CommitInterval < 0 {
 		opts.CommitInterval = DefaultCommitInterval
 	}
 	if opts.StreamReplicas <= 0 {
@@ -160,6 +170,8 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 		maxBackoff:      5 * time.Second,
 		conflictBackoff: 30 * time.Second,
 		requestTimeout:  5 * time.Second,
+		settleChunk:     128,
+		sweepChunk:      256,
 		wake:            make(chan struct{}, 1),
 		flushCh:         make(chan *flushWaiter, 16),
 		kick:            make(chan struct{}, 1),
@@ -311,10 +323,11 @@ func (r *Recorder) signal() {
 // a restarted sidecar does not hand out a hard limit again, and deletes counters of
 // windows that ended more than a day ago. Call it before serving.
 //
-// A counter's durable value is its u/c/ entry (usage already cut into messages) plus its
-// deltas still in the outbox (batches and folded totals): the group commit writes only
-// the outbox entry, and the cut moves usage from the outbox to the counter in one
-// transaction, so each unit is counted once whatever the moment of a crash.
+// A counter's durable value is the sum of its parts in four places, each unit of usage
+// being in exactly one of them at every moment (see the package doc): its u/c/ entry
+// (usage settled after publication), its deltas in messages not yet settled into it
+// (pending or acknowledged), in folded outbox totals, and in outbox batches at or above
+// the floor.
 func (r *Recorder) Restore(l *limiter.Limiter) error {
 	now := r.opts.Now().UnixNano()
 	horizon := now - int64(counterRetention)
@@ -329,7 +342,15 @@ func (r *Recorder) Restore(l *limiter.Limiter) error {
 		c.quantity += qty
 	}
 	var stale [][]byte
-	err := r.db.View(func(txn *badger.Txn) error { // one snapshot of all three places
+	err := r.db.View(func(txn *badger.Txn) error { // one snapshot of every place
+		var floor uint64
+		var mark settleMark
+		if err := getValue(txn, keyFloor, func(v []byte) (err error) { floor, err = decodeU64(v); return err }); err != nil {
+			return err
+		}
+		if err := getValue(txn, keySettled, func(v []byte) (err error) { mark, err = decodeSettleMark(v); return err }); err != nil {
+			return err
+		}
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte("u/"), PrefetchValues: true, PrefetchSize: 256})
 		defer it.Close()
 		for it.Seek([]byte(prefixCounter)); it.ValidForPrefix([]byte(prefixCounter)); it.Next() {
@@ -347,6 +368,29 @@ func (r *Recorder) Restore(l *limiter.Limiter) error {
 			}
 			addTo(k, c.end, c.quantity)
 		}
+		for it.Seek([]byte(prefixPending)); it.ValidForPrefix([]byte(prefixPending)); it.Next() {
+			seq := binary.BigEndian.Uint64(it.Item().Key()[len(prefixPending):])
+			if seq < mark.seq {
+				continue // settled; its deletion did not happen (a version-1 message)
+			}
+			err := it.Item().Value(func(v []byte) error {
+				mv, err := decodeMessageValue(v)
+				if err != nil || mv.counted {
+					return err
+				}
+				from := 0
+				if seq == mark.seq {
+					from = int(min(mark.index, uint64(len(mv.entries))))
+				}
+				for _, e := range mv.entries[from:] {
+					addTo(e.k, e.d.end, e.d.quantity)
+				}
+				return nil
+			})
+			if err != nil {
+				return fmt.Errorf("usage message %d: %w", seq, err)
+			}
+		}
 		for it.Seek([]byte(prefixTotal)); it.ValidForPrefix([]byte(prefixTotal)); it.Next() {
 			item := it.Item()
 			k, err := counterKey(item.Key(), prefixTotal)
@@ -359,7 +403,7 @@ func (r *Recorder) Restore(l *limiter.Limiter) error {
 			}
 			addTo(k, d.end, d.quantity)
 		}
-		for it.Seek([]byte(prefixBatch)); it.ValidForPrefix([]byte(prefixBatch)); it.Next() {
+		for it.Seek(batchKey(nil, floor)); it.ValidForPrefix([]byte(prefixBatch)); it.Next() {
 			err := it.Item().Value(func(v []byte) error {
 				return decodeBatch(v, func(k limiter.CounterKey, d delta) { addTo(k, d.end, d.quantity) })
 			})
@@ -412,6 +456,7 @@ type Stats struct {
 	OutboxBytes   int64  // bytes of outbox entries and the pending message (keys and values)
 	OutboxBatches int64  // group commits not yet published
 	OutboxKeys    int64  // folded per-key totals not yet published
+	Unsettled     int64  // acknowledged messages not yet settled into the counters
 	PendingSeq    uint64 // sequence of the message being published; 0 when none
 	AckedSeq      uint64 // sequence of the last acknowledged message
 	LastPublish   time.Time
@@ -426,7 +471,7 @@ type stats struct {
 	records, batches, badgerWrites, writeErrors                            atomic.Uint64
 	published, publishedDeltas, publishedRecords, publishErrors, recovered atomic.Uint64
 	conflicts, rebaselines, compactions                                    atomic.Uint64
-	outboxBytes, outboxBatches, outboxKeys                                 atomic.Int64
+	outboxBytes, outboxBatches, outboxKeys, unsettled                      atomic.Int64
 	pendingSeq, ackedSeq                                                   atomic.Uint64
 	lastPublish                                                            atomic.Int64
 	atBound, streamReady                                                   atomic.Bool
@@ -458,7 +503,7 @@ func (r *Recorder) Stats() Stats {
 		PublishedDeltas: s.publishedDeltas.Load(), PublishedRecords: s.publishedRecords.Load(),
 		PublishErrors: s.publishErrors.Load(), Recovered: s.recovered.Load(), Conflicts: s.conflicts.Load(),
 		Rebaselines: s.rebaselines.Load(), Compactions: s.compactions.Load(),
-		OutboxBytes: s.outboxBytes.Load(), OutboxBatches: s.outboxBatches.Load(), OutboxKeys: s.outboxKeys.Load(),
+		OutboxBytes: s.outboxBytes.Load(), OutboxBatches: s.outboxBatches.Load(), OutboxKeys: s.outboxKeys.Load(), Unsettled: s.unsettled.Load(),
 		PendingSeq: s.pendingSeq.Load(), AckedSeq: s.ackedSeq.Load(),
 		AtBound: s.atBound.Load(), StreamReady: s.streamReady.Load(),
 	}

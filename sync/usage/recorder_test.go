@@ -352,7 +352,8 @@ func TestTotalsReadsTheStream(t *testing.T) {
 }
 
 // Record allocates nothing per call: what a group commit allocates (its Badger
-// transaction, its done channel) is shared by the records of the batch.
+// transaction, its done channel) is shared by the records of the batch, so the
+// allocations follow the number of commits, not of records.
 func TestRecordAllocationsAreAmortised(t *testing.T) {
 	e := newEnv(t)
 	r := e.recorder(hourly)
@@ -380,9 +381,12 @@ func TestRecordAllocationsAreAmortised(t *testing.T) {
 	wg.Wait()
 	runtime.ReadMemStats(&after)
 	s := r.Stats()
-	perRecord := float64(after.Mallocs-before.Mallocs) / float64(s.Records)
-	t.Logf("%.2f allocations per record (whole process), %.1f records per group commit", perRecord, float64(s.Records)/float64(s.Batches))
-	if perRecord > 2 {
-		t.Fatalf("%.2f allocations per record", perRecord)
+	mallocs := float64(after.Mallocs - before.Mallocs)
+	perRecord, perCommit := mallocs/float64(s.Records), mallocs/float64(s.Batches)
+	t.Logf("%.2f allocations per record and %.1f per group commit (whole process), %.1f records per group commit",
+		perRecord, perCommit, float64(s.Records)/float64(s.Batches))
+	// A commit alone (Badger's transaction, the batch, its buffer) is about 40.
+	if perCommit > 64 || s.Batches*2 > s.Records {
+		t.Fatalf("%.1f allocations per group commit, %d commits for %d records", perCommit, s.Batches, s.Records)
 	}
 }

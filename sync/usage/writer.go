@@ -83,10 +83,12 @@ func (r *Recorder) writeLoop() {
 	}
 }
 
-// takeBatch returns the next batch to write, waiting until it is due: CommitInterval
-// after its first usage joined, or at once when it is full, when the previous batch has
-// just been written, or when the recorder is closing. It returns nil when the recorder
-// is closed and nothing is left.
+// takeBatch returns the next batch to write. The first usage of a batch normally starts
+// its commit at once: while that commit is in flight, the Records that arrive gather in
+// the next batch, so batches grow with the load and an idle sidecar adds no wait. With
+// CommitInterval > 0 a batch that starts on an idle writer waits up to that long for
+// company, unless it fills. It returns nil when the recorder is closed and nothing is
+// left.
 func (r *Recorder) takeBatch(timer *time.Timer, busy *bool) *batch {
 	for {
 		r.mu.Lock()
