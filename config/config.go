@@ -130,10 +130,12 @@ type Quota struct {
 	Enabled  bool   `yaml:"enabled"`
 	Bucket   string `yaml:"bucket"`    // KV bucket of the leases; default gatehouse_quota
 	Replicas int    `yaml:"replicas"`  // replicas of the bucket when gatehouse creates it
-	MinLease int64  `yaml:"min_lease"` // smallest lease taken while the limit is far; default 10
+	MinLease int64  `yaml:"min_lease"` // smallest lease sized by rate; default 10
 	MaxLease int64  `yaml:"max_lease"` // largest lease taken at once; default 100,000
-	// LeasePeriod is how long a lease lasts at the sidecar's recent rate of use: the
-	// size it aims for, far from the limit (default 2s).
+	// LeasePeriod sizes a lease by rate: what lasts this long at the sidecar's recent
+	// rate of use (default 2s). A lease is the larger of that and 1/16 of what is left
+	// per sidecar (at most max_lease), and never more than half of what is left per
+	// sidecar.
 	LeasePeriod time.Duration `yaml:"lease_period"`
 	// LowWaterPercent is the part of a lease, in percent, below which it is refilled
 	// ahead of need, off the request path (default 25).

@@ -22,13 +22,24 @@
 //
 // # Lease size and refills
 //
-// A refill takes what lasts Options.LeasePeriod at this sidecar's recent rate, within
-// [MinLease, MaxLease], but never more than what is left divided by twice the number of
-// sidecars holding grants, and at least the request's cost and 1 unit: far from the
-// limit a refill is rare, near it leases shrink so that no sidecar sits on the last
-// units while another refuses. A refill starts ahead of need, when the lease falls
-// below LowWaterPercent of its size; a request waits only when its sidecar holds too
-// little, at most Options.Wait, and then the route's on_unavailable policy decides.
+// A refill's size adapts to what is left and to this sidecar's recent rate (leaseSize
+// in lease.go). Far from the limit a lease is a share of what is left: at least 1/16
+// of the free quota per sidecar holding the key, capped by Options.MaxLease, or what
+// lasts Options.LeasePeriod at the recent rate if that is more (within MinLease and
+// MaxLease, at most doubling per refill). A customer with a limit of 10^12 thus takes
+// MaxLease at its first request and refills once per 0.75·MaxLease requests, whatever
+// its rate. Near the limit a lease is never more than what is left divided by twice
+// the number of sidecars holding grants (or in the fleet roster, if more), down to 1
+// unit, and at least the request's cost: no sidecar sits on the last units while
+// another refuses. A refill starts ahead of need, off the request path, when the lease
+// falls below its low-water mark (LowWaterPercent of its size, and at least what the
+// recent rate uses in four refill times); a request waits only when its sidecar holds
+// too little, at most Options.Wait, and then the route's on_unavailable policy decides.
+// A sidecar's first lease of a key is taken on the request path: one compare-and-set
+// per (customer, feature, window) and sidecar.
+//
+// The maintenance loop walks every lease each tick without holding the Manager's lock
+// across the walk, so that the request path never waits behind it.
 //
 // # Returns, restarts and cleanup
 //

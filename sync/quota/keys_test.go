@@ -116,6 +116,7 @@ func TestLeaseSize(t *testing.T) {
 	}{
 		{"no rate yet: a share of what is left", 0, 1_000_000, 1, 1, 10, 100_000, 62_500},
 		{"no rate yet, little left: min lease", 0, 100, 1, 1, 10, 100_000, 10},
+		{"a share of what is left, 4 sidecars", 0, 10_000, 4, 1, 10, 100_000, 156},
 		{"rate times period", 1000, 100_000, 4, 1, 10, 100_000, 2000},
 		{"rate times period below the share of what is left", 1000, 1_000_000, 4, 1, 10, 100_000, 15_625},
 		{"max lease", 1e9, 1e12, 4, 1, 10, 100_000, 100_000},

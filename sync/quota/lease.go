@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -22,17 +23,21 @@ type lease struct {
 	end   int64 // window end, unix nanoseconds
 	c     *limiter.Counter
 
-	// Guarded by Manager.mu.
-	limit          int64  // the newest hard limit known locally; -1: none (return everything)
-	rev            uint64 // the entitlement revision that set limit
-	job            *job   // the refill under way, which Acquire joins; nil when none
-	giving         bool   // a return is queued or under way
-	exhaustedUntil int64  // unix nanoseconds: the fleet had nothing left; do not ask again before
-	exhaustedLimit int64  // the limit under which it was exhausted
-	failedUntil    int64  // unix nanoseconds: the last refill failed; do not ask again before
-	retry          bool   // the last return failed
-	idleHeld       int64  // the counter's held usage at the last maintenance tick
-	idleSince      time.Time
+	// Guarded by Manager.mu. The atomics among them are written under Manager.mu and
+	// read without it by the maintenance walk, which takes no lock per lease.
+	idx            int                 // the lease's place in Manager.list; -1 once removed
+	limit          atomic.Int64        // the newest hard limit known locally; -1: none (return everything)
+	rev            uint64              // the entitlement revision that set limit
+	job            atomic.Pointer[job] // the refill under way, which Acquire joins; nil when none
+	giving         bool                // a return is queued or under way
+	exhaustedUntil int64               // unix nanoseconds: the fleet had nothing left; do not ask again before
+	exhaustedLimit int64               // the limit under which it was exhausted
+	failedUntil    atomic.Int64        // unix nanoseconds: the last refill failed; do not ask again before
+	retry          atomic.Bool         // the last return failed
+
+	// Owned by the maintenance loop once the lease is in Manager.list.
+	idleHeld  int64 // the counter's held usage at the last maintenance tick
+	idleSince time.Time
 
 	// mu serialises the lease's work with the bucket and guards what follows.
 	mu      sync.Mutex
@@ -61,16 +66,17 @@ type job struct {
 // noteLimit records the limit that a request's snapshot gives, if it is the newest
 // known. Manager.mu is held.
 func (l *lease) noteLimit(s *limiter.Snapshot, f *limiter.Feature) {
-	if s.Revision > l.rev || s.Revision == l.rev && (l.rev == 0 || l.limit < 0) {
-		l.limit, l.rev = f.Limit, s.Revision
+	if s.Revision > l.rev || s.Revision == l.rev && (l.rev == 0 || l.limit.Load() < 0) {
+		l.limit.Store(f.Limit)
+		l.rev = s.Revision
 	}
 }
 
 // refillLocked starts a refill of at least need units, or returns the one under way.
 // Manager.mu is held.
 func (m *Manager) refillLocked(l *lease, need int64) *job {
-	if l.job != nil {
-		return l.job
+	if j := l.job.Load(); j != nil {
+		return j
 	}
 	j := &job{done: make(chan struct{})}
 	if m.closed.Load() {
@@ -78,8 +84,8 @@ func (m *Manager) refillLocked(l *lease, need int64) *job {
 		close(j.done)
 		return j
 	}
-	l.job = j
-	limit, rev := l.limit, l.rev
+	l.job.Store(j)
+	limit, rev := l.limit.Load(), l.rev
 	m.jobs.Add(1)
 	go func() {
 		defer m.jobs.Done()
@@ -87,12 +93,12 @@ func (m *Manager) refillLocked(l *lease, need int64) *job {
 		now := m.now()
 		m.mu.Lock()
 		j.res = res
-		l.job = nil
+		l.job.Store(nil)
 		switch res {
 		case limiter.QuotaExhausted:
 			l.exhaustedUntil, l.exhaustedLimit = now.Add(m.recheck).UnixNano(), limit
 		case limiter.QuotaUnreachable:
-			l.failedUntil = now.Add(m.failBackoff).UnixNano()
+			l.failedUntil.Store(now.Add(m.failBackoff).UnixNano())
 		}
 		m.mu.Unlock()
 		close(j.done)
@@ -116,7 +122,8 @@ func (m *Manager) giveBackLocked(l *lease) {
 		defer cancel()
 		err := m.giveBack(ctx, l)
 		m.mu.Lock()
-		l.giving, l.retry = false, err != nil // the maintenance loop retries
+		l.giving = false
+		l.retry.Store(err != nil) // the maintenance loop retries
 		m.mu.Unlock()
 	}()
 }
@@ -170,7 +177,7 @@ func (m *Manager) giveBack(ctx context.Context, l *lease) error {
 		return err
 	}
 	m.mu.Lock()
-	limit, rev := l.limit, l.rev
+	limit, rev := l.limit.Load(), l.rev
 	m.mu.Unlock()
 	if l.pending == 0 && (limit < 0 || l.value != nil && l.value.LimitRevision >= rev) {
 		return nil // nothing to return, and the bucket knows the limit
@@ -336,12 +343,8 @@ func (m *Manager) reconcile(l *lease, v *Value) error {
 }
 
 // size is how many units a refill takes when free units are left to the fleet and
-// holders sidecars share them: what lasts LeasePeriod at the recent rate, within
-// [MinLease, MaxLease] and at most twice the last lease (a lease grows with the rate
-// over a few refills rather than at once, on a rate measured over a few requests);
-// never more than free/(2·holders), so that near the limit no sidecar sits on what
-// another needs, down to 1 unit; at least need; and 0 when free cannot cover need.
-// l.mu is held.
+// holders sidecars share them (see leaseSize), after folding the use since the last
+// refill into the lease's recent rate. l.mu is held.
 func (m *Manager) size(l *lease, free, holders, need int64) int64 {
 	if free < need || free <= 0 {
 		return 0
@@ -361,25 +364,40 @@ func (m *Manager) size(l *lease, free, holders, need int64) int64 {
 	} else {
 		l.rateAt, l.rateUse = now, used
 	}
-	return leaseSize(l.rate, m.opts.LeasePeriod, m.opts.MinLease, min(m.opts.MaxLease, max(2*l.size, m.opts.MinLease)), m.opts.MaxLease, free, holders, need)
+	grow := min(m.opts.MaxLease, max(2*l.size, m.opts.MinLease))
+	return leaseSize(l.rate, m.opts.LeasePeriod, m.opts.MinLease, grow, m.opts.MaxLease, free, holders, need)
 }
 
-// farShare is the part of what is left, per sidecar, that a lease takes at least: far
-// from the limit a lease is then large whatever the rate (a customer with a huge limit
-// and a low rate would otherwise refill every min_lease requests), and it shrinks as the
-// limit nears.
+// farShare is the part of what is left, per sidecar, that a lease takes at least. Far
+// from the limit it makes a lease large whatever the rate: a customer with a limit of
+// 10^12 and a low rate takes max_lease at once and refills once in 0.75·max_lease
+// requests, where a lease sized by its rate alone would stay near min_lease and cost a
+// compare-and-set every few requests. It also bounds what the fleet's sidecars sit on
+// far from the limit, and so what a SIGKILL loses: about 1/farShare of what is left.
 const farShare = 16
 
-// leaseSize is the arithmetic of size; maxLease is already at most twice the last lease,
-// capLease is Options.MaxLease.
-func leaseSize(rate float64, period time.Duration, minLease, maxLease, capLease, free, holders, need int64) int64 {
+// leaseSize is the arithmetic of a refill, in four steps:
+//
+//  1. by rate: what lasts period at rate, at least minLease and at most grow (grow is
+//     twice the last lease within [minLease, max_lease]: a lease follows a rising rate
+//     over a few refills, not at once on a rate measured over a few requests);
+//  2. by what is left: at least free/(farShare·holders), at most capLease (max_lease);
+//     this is the size far from the limit, where it is larger than step 1;
+//  3. near the limit: at most free/(2·holders), down to 1 unit, so that no sidecar
+//     sits on the last units while another is refused; this is smaller than steps 1
+//     and 2 only when what is left is small (free < 2·holders·lease);
+//  4. at least need, at most free; 0 when free cannot cover need.
+//
+// The grants of the fleet never add up to more than the limit whatever this returns:
+// a grant is raised by compare-and-set only within free.
+func leaseSize(rate float64, period time.Duration, minLease, grow, capLease, free, holders, need int64) int64 {
 	if free < need || free <= 0 {
 		return 0
 	}
 	holders = max(holders, 1)
-	maxLease = max(maxLease, minLease)
-	n := maxLease
-	if want := rate * period.Seconds(); want < float64(maxLease) {
+	grow = max(grow, minLease)
+	n := grow
+	if want := rate * period.Seconds(); want < float64(grow) {
 		n = max(int64(want), minLease)
 	}
 	n = max(n, min(free/(farShare*holders), capLease))
@@ -388,9 +406,9 @@ func leaseSize(rate float64, period time.Duration, minLease, maxLease, capLease,
 }
 
 // lowWater is the lease level below which a refill is asked for: LowWaterPercent of
-// the last lease, and at least what the recent rate uses in twice the time a refill
-// takes, so that near the limit, where leases are small, the next one is on its way
-// before this one runs out. l.mu is held.
+// the last lease, and at least what the recent rate uses in four times the time a
+// refill takes, so that near the limit, where leases are small, the next one is on its
+// way before this one runs out. l.mu is held.
 func (m *Manager) lowWater(l *lease) int64 {
 	ahead := int64(l.rate * 4 * time.Duration(m.rtt.Load()).Seconds())
 	return max(l.size*int64(m.opts.LowWaterPercent)/100, ahead, 1)

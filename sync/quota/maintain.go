@@ -72,8 +72,9 @@ func (m *Manager) Load(lim *limiter.Limiter, durable bool) error {
 	defer m.mu.Unlock()
 	for _, e := range keep {
 		c := lim.Counter(e.key, e.s.end)
-		l := &lease{key: e.key, kvKey: e.kv, end: c.End, c: c, limit: e.s.limit, rev: e.s.rev,
+		l := &lease{key: e.key, kvKey: e.kv, end: c.End, c: c, rev: e.s.rev,
 			granted: e.s.grant, spent: e.s.spent, known: true, idleSince: m.now(), idleHeld: c.Held()}
+		l.limit.Store(e.s.limit)
 		var avail int64
 		if durable {
 			avail = max(e.s.grant-e.s.spent-c.Held(), 0)
@@ -108,33 +109,45 @@ func (m *Manager) maintainLoop() {
 // idle for Options.IdleReturn, those of windows that ended and those a lowered limit no
 // longer covers, retries returns that failed, and forgets leases Options.Retention
 // after their window ended (deleting their keys when the bucket has no TTL).
+//
+// It walks every lease each tick without holding Manager.mu (see walk): what it reads
+// is atomic, immutable or its own, and it takes the lock only for a lease it acts on,
+// so that Acquire on the request path never waits behind a walk of thousands of leases.
 func (m *Manager) maintain() {
 	now := m.now()
 	n := now.UnixNano()
-	var forget []*lease
-	m.mu.Lock()
-	for _, l := range m.leases {
-		if l.job == nil && n >= l.failedUntil {
+	var forget, give []*lease
+	m.walkBuf = m.walk(m.walkBuf, func(l *lease) {
+		if l.job.Load() == nil && n >= l.failedUntil.Load() {
 			l.c.RefillDone()
 		}
 		held := l.c.Held()
 		if held != l.idleHeld {
 			l.idleHeld, l.idleSince = held, now
 		}
+		lease := l.c.Lease()
 		switch {
 		case l.end != limiter.NeverEnds && n >= l.end+int64(m.opts.Retention):
 			forget = append(forget, l)
-		case n >= l.end && l.c.Lease() > 0,
-			l.retry,
-			l.limit < l.c.LeaseLimit() && l.c.Lease() > 0,
-			m.opts.IdleReturn > 0 && now.Sub(l.idleSince) >= m.opts.IdleReturn && l.c.Lease() > 0:
-			m.giveBackLocked(l)
+		case n >= l.end && lease > 0,
+			l.retry.Load(),
+			l.limit.Load() < l.c.LeaseLimit() && lease > 0,
+			m.opts.IdleReturn > 0 && now.Sub(l.idleSince) >= m.opts.IdleReturn && lease > 0:
+			give = append(give, l)
 		}
+	})
+	for _, l := range give {
+		m.mu.Lock()
+		m.giveBackLocked(l)
+		m.mu.Unlock()
 	}
-	for _, l := range forget {
-		m.removeLocked(l)
+	for i := 0; i < len(forget); i += walkChunk {
+		m.mu.Lock()
+		for _, l := range forget[i:min(i+walkChunk, len(forget))] {
+			m.removeLocked(l)
+		}
+		m.mu.Unlock()
 	}
-	m.mu.Unlock()
 	if len(forget) > 0 {
 		m.forget(forget)
 	}

@@ -42,9 +42,13 @@ type Options struct {
 	// Replicas is the bucket's replication when the manager creates it; default 1.
 	Replicas int
 	// MinLease and MaxLease bound a lease far from the limit; default 10 and 100,000.
-	// Near the limit a lease is smaller, down to 1 unit.
+	// Far from the limit a lease is at least 1/16 of what is left per sidecar, up to
+	// MaxLease; near the limit it is smaller, down to 1 unit (see the package doc).
+	// A sidecar killed with SIGKILL loses what it holds unused until the window ends:
+	// at most about 1.25·MaxLease per key (a lease, and what was left of the last).
 	MinLease, MaxLease int64
-	// LeasePeriod is how long a lease should last at the sidecar's recent rate; default 2s.
+	// LeasePeriod is how long a lease should last at the sidecar's recent rate, when
+	// that is more than the share of what is left; default 2s.
 	LeasePeriod time.Duration
 	// LowWaterPercent is the part of a lease below which it is refilled ahead of need;
 	// default 25.
@@ -89,9 +93,14 @@ type Manager struct {
 	bucketMu sync.Mutex // protects bkt
 	bkt      *bucket
 
-	mu         sync.Mutex // protects leases, byCustomer, and every lease's job fields
+	// mu protects leases, byCustomer, list, and the lease fields marked as guarded by it.
+	// It is held only for map and slice updates and a few field reads and writes, never
+	// across a walk of every lease (see walk) nor across a network call: Acquire, on the
+	// request path, takes it.
+	mu         sync.Mutex
 	leases     map[limiter.CounterKey]*lease
 	byCustomer map[string][]*lease
+	list       []*lease // every lease of leases, in no order, for walk; lease.idx indexes it
 
 	refills chan refillReq // Refill's requests, for the refill loop
 	stop    chan struct{}  // closed by Close: the loops end
@@ -106,6 +115,7 @@ type Manager struct {
 	started atomic.Bool
 	closed  atomic.Bool
 	once    sync.Once
+	walkBuf []*lease // the maintenance loop's chunk of leases (see walk); only it uses it
 
 	// Tunables; tests shorten them.
 	tick        time.Duration // maintenance period
@@ -231,14 +241,12 @@ func (m *Manager) Close(ctx context.Context) error {
 // returnAll gives back every unused lease of a window still open, a few at a time.
 func (m *Manager) returnAll(ctx context.Context) {
 	now := m.now().UnixNano()
-	m.mu.Lock()
 	var all []*lease
-	for _, l := range m.leases {
+	m.walk(nil, func(l *lease) {
 		if now < l.end {
 			all = append(all, l)
 		}
-	}
-	m.mu.Unlock()
+	})
 	var ls []*lease
 	for _, l := range all {
 		l.mu.Lock()
@@ -284,14 +292,12 @@ func (m *Manager) Stats() Stats {
 		Returned: m.st.returned.Load(), Exhausted: m.st.exhausted.Load(), Conflicts: m.st.conflicts.Load(),
 		RefillTime: time.Duration(m.rtt.Load()),
 	}
-	m.mu.Lock()
-	for _, l := range m.leases {
+	m.walk(nil, func(l *lease) {
 		if n := l.c.Lease(); n > 0 {
 			s.Leases++
 			s.HeldUnits += n
 		}
-	}
-	m.mu.Unlock()
+	})
 	return s
 }
 
@@ -399,7 +405,7 @@ func (m *Manager) refillLoop() {
 		l := m.leaseLocked(r.c)
 		l.noteLimit(r.s, r.f)
 		now := m.now().UnixNano()
-		if now >= l.exhaustedUntil && now >= l.failedUntil && m.connected() {
+		if now >= l.exhaustedUntil && now >= l.failedUntil.Load() && m.connected() {
 			m.refillLocked(l, 0)
 		}
 		m.mu.Unlock()
@@ -427,8 +433,9 @@ func (m *Manager) OnChange(old, new *limiter.Snapshot) {
 		if rev < l.rev {
 			continue
 		}
-		before := l.limit
-		l.limit, l.rev = limit, rev
+		before := l.limit.Load()
+		l.limit.Store(limit)
+		l.rev = rev
 		switch {
 		case limit < before:
 			m.giveBackLocked(l)
@@ -448,7 +455,8 @@ func (m *Manager) leaseLocked(c *limiter.Counter) *lease {
 	if l := m.leases[c.Key]; l != nil && l.c == c {
 		return l
 	}
-	l := &lease{key: c.Key, kvKey: Key(c.Key), end: c.End, c: c, limit: -1, idleSince: m.now()}
+	l := &lease{key: c.Key, kvKey: Key(c.Key), end: c.End, c: c, idleSince: m.now()}
+	l.limit.Store(-1)
 	m.addLocked(l)
 	return l
 }
@@ -459,11 +467,21 @@ func (m *Manager) addLocked(l *lease) {
 	}
 	m.leases[l.key] = l
 	m.byCustomer[l.key.Customer] = append(m.byCustomer[l.key.Customer], l)
+	l.idx = len(m.list)
+	m.list = append(m.list, l)
 }
 
 func (m *Manager) removeLocked(l *lease) {
 	if m.leases[l.key] == l {
 		delete(m.leases, l.key)
+	}
+	if i := l.idx; i >= 0 && i < len(m.list) && m.list[i] == l {
+		last := len(m.list) - 1
+		m.list[i] = m.list[last]
+		m.list[i].idx = i
+		m.list[last] = nil
+		m.list = m.list[:last]
+		l.idx = -1
 	}
 	ls := m.byCustomer[l.key.Customer]
 	for i, x := range ls {
@@ -476,5 +494,36 @@ func (m *Manager) removeLocked(l *lease) {
 		delete(m.byCustomer, l.key.Customer)
 	} else {
 		m.byCustomer[l.key.Customer] = ls
+	}
+}
+
+// walkChunk is how many leases walk copies under Manager.mu at a time: short enough
+// that a request waiting for the lock waits for a copy of a few hundred pointers, not
+// for a walk of every lease.
+const walkChunk = 256
+
+// walk calls fn for every lease, without holding Manager.mu while fn runs: it copies
+// Manager.list into buf a chunk at a time under the lock, and returns buf for reuse. A
+// lease added during the walk may be visited or not; a lease moved by a removal during
+// the walk (removeLocked moves the last lease into the hole) may be missed, never
+// visited twice. Leases are removed by the maintenance loop, which sees a missed lease
+// next tick, and when a new counter of the same key replaces one (addLocked): a walk
+// that runs once the maintenance loop stopped (Close) misses a lease only then.
+func (m *Manager) walk(buf []*lease, fn func(*lease)) []*lease {
+	if buf == nil {
+		buf = make([]*lease, 0, walkChunk)
+	}
+	for i := 0; ; i += walkChunk {
+		m.mu.Lock()
+		if i >= len(m.list) {
+			m.mu.Unlock()
+			return buf
+		}
+		buf = append(buf[:0], m.list[i:min(i+walkChunk, len(m.list))]...)
+		m.mu.Unlock()
+		for _, l := range buf {
+			fn(l)
+		}
+		clear(buf) // hold no lease past the walk
 	}
 }
