@@ -11,27 +11,34 @@ import (
 )
 
 // TestSmoke runs the harness end to end at a tiny scale: steady with one pair and no
-// baselines but the bare proxy, then exhaust. It checks that results.json parses and
-// that exhaust admitted exactly the sum of the limits. It asserts nothing about speed.
+// baselines but the bare proxy, exhaust, churn, a fleet of three sidecars, and an
+// outage. It checks that results.json parses, that exhaust admitted exactly the sum of
+// the limits, and that the new scenarios' checks of correctness pass: no refusal of
+// what stays entitled, every probed change enforced, never more than a limit in the
+// fleet, every request answered through the outage, and published usage == admitted
+// usage everywhere. It asserts nothing about speed.
 func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the sidecar and runs processes; skipped with -short")
 	}
 	out := t.TempDir()
 	o, err := parseOptions([]string{
-		"-scenario", "steady,exhaust,churn",
+		"-scenario", "steady,exhaust,churn,fleet,outage",
 		"-duration", "1s", "-warmup", "200ms",
 		"-open-duration", "1s", "-open-warmup", "100ms", "-sweep-duration", "500ms",
 		"-rate", "500", "-rates", "1000",
 		"-pairs", "1", "-control=false", "-nginx=false",
 		"-conns", "8", "-customers", "200", "-exhaust-customers", "20",
+		"-compare-duration", "1s", "-churn-rate", "40", "-churn-rounds", "1",
+		"-fleet", "3", "-fleet-customers", "100", "-fleet-rounds", "1",
+		"-outage", "1s", "-outage-rate", "300",
 		"-max-redo", "0", "-quiet-wait", "0s", "-q",
 		"-out", out,
 	}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if _, err := run(ctx, o, io.Discard); err != nil {
 		t.Fatal(err)
@@ -72,8 +79,50 @@ func TestSmoke(t *testing.T) {
 	if x.Exhaust.Refused != x.Exhaust.ExpectedRefuse || x.Exhaust.Other != 0 {
 		t.Errorf("exhaust: refused %d of %d expected, %d other", x.Exhaust.Refused, x.Exhaust.ExpectedRefuse, x.Exhaust.Other)
 	}
-	if c := byName["churn"]; c == nil || c.Status != "not_available" || c.Reason == "" {
-		t.Errorf("churn should report why it is not available: %+v", c)
+	if x.UsageCheck.Status != "pass" {
+		t.Errorf("exhaust: usage check %+v", x.UsageCheck)
+	}
+	// The new scenarios: every check of correctness passes (none of their checks is
+	// about speed, except as a timeout that a working sidecar never reaches).
+	mustPass := map[string][]string{
+		"churn": {"every push succeeded", "every load response 2xx, churn or not", "every probed change enforced",
+			"published usage == admitted usage"},
+		"fleet": {"every closed-loop response 2xx", "every planned exhaust request sent", "never more than a limit",
+			"every 429 has Retry-After", "sidecars' allow counters == admitted", "published usage == admitted usage"},
+		"outage": {"every request answered 2xx, NATS or not", "the sidecar saw NATS go", "the replica resumed after NATS returned",
+			"published usage == admitted usage"},
+	}
+	for name, checks := range mustPass {
+		s := byName[name]
+		if s == nil || s.Status == "error" || s.Status == "not_available" {
+			t.Errorf("%s did not run: %+v", name, s)
+			continue
+		}
+		got := map[string]check{}
+		for _, c := range s.Checks {
+			got[c.Name] = c
+			if !c.Pass {
+				t.Logf("%s: FAIL %s: %s", name, c.Name, c.Detail)
+			}
+		}
+		for _, want := range checks {
+			if c, ok := got[want]; !ok {
+				t.Errorf("%s: no check %q", name, want)
+			} else if !c.Pass {
+				t.Errorf("%s: %s: %s", name, c.Name, c.Detail)
+			}
+		}
+		if s.UsageCheck.Status != "pass" || s.UsageCheck.Admitted == 0 || s.UsageCheck.Admitted != s.UsageCheck.Published {
+			t.Errorf("%s: usage check %+v", name, s.UsageCheck)
+		}
+	}
+	if f := byName["fleet"]; f != nil && f.Fleet != nil && f.Fleet.Exhaust != nil {
+		if x := f.Fleet.Exhaust; x.Admitted > x.Limits || x.Admitted == 0 {
+			t.Errorf("fleet: admitted %d, sum of limits %d", x.Admitted, x.Limits)
+		}
+	}
+	if o := byName["outage"]; o != nil && o.Outage != nil && len(o.Outage.Segments) != 3 {
+		t.Errorf("outage: %d segments, want before, during, after", len(o.Outage.Segments))
 	}
 	for _, f := range []string{"latency.svg", "report.html", "report.txt"} {
 		if _, err := os.Stat(filepath.Join(out, f)); err != nil {

@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"os"
+	"slices"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -34,15 +36,27 @@ type sample struct {
 
 // cpuMonitor samples the machine and a set of named processes.
 type cpuMonitor struct {
+	mu    sync.Mutex // guards procs: the outage scenario restarts NATS during a run
 	procs map[string]*proc
 }
 
 func newCPUMonitor() *cpuMonitor { return &cpuMonitor{procs: map[string]*proc{}} }
 
-func (m *cpuMonitor) add(p *proc)    { m.procs[p.name] = p }
-func (m *cpuMonitor) remove(p *proc) { delete(m.procs, p.name) }
+func (m *cpuMonitor) add(p *proc) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.procs[p.name] = p
+}
+
+func (m *cpuMonitor) remove(p *proc) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.procs, p.name)
+}
 
 func (m *cpuMonitor) sample() sample {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	s := sample{at: time.Now(), procs: make(map[string]int64, len(m.procs))}
 	s.sys = readSysStat()
 	if st, err := readProcStat(0); err == nil {
@@ -86,6 +100,9 @@ type cpuUse struct {
 	Softirq   float64 `json:"softirq"`
 	Steal     float64 `json:"steal"`
 	Idle      float64 `json:"idle"`
+	// Beside is what short-lived helpers run beside the load used (churn's pushes),
+	// measured from their exit status and taken out of Other.
+	Beside float64 `json:"beside,omitempty"`
 	// TargetTicks and GenTicks are the raw clock ticks, for CPU per request.
 	TargetTicks int64 `json:"target_ticks"`
 	GenTicks    int64 `json:"generator_ticks"`
@@ -94,9 +111,9 @@ type cpuUse struct {
 // noise is the share of the machine that neither we nor the kernel on our behalf used.
 func (c cpuUse) noise() float64 { return c.Other + c.Steal }
 
-// usage turns two samples into shares. target and upstream name processes in the
-// monitor ("" for none).
-func usage(a, b sample, target, upstream string) cpuUse {
+// usage turns two samples into shares. upstream and targets name processes in the
+// monitor ("" for none); the targets' CPU is added up.
+func usage(a, b sample, upstream string, targets ...string) cpuUse {
 	var d [8]int64
 	var total int64
 	for i := range d {
@@ -113,12 +130,13 @@ func usage(a, b sample, target, upstream string) cpuUse {
 	u.Generator = share(gen)
 	u.GenTicks = gen
 	for name, tb := range b.procs {
-		t := tb - a.procs[name]
+		t := max(0, tb-a.procs[name]) // a process that ended reads 0
 		ours += t
-		switch name {
-		case target:
-			u.Target, u.TargetTicks = share(t), t
-		case upstream:
+		switch {
+		case slices.Contains(targets, name):
+			u.Target += share(t)
+			u.TargetTicks += t
+		case name == upstream:
 			u.Upstream = share(t)
 		default:
 			u.IdleOurs += share(t)

@@ -28,14 +28,15 @@ type env struct {
 	root     string // module root
 	tmp      string // binaries, configs, logs, data dirs
 	out      string // results folder
-	bin      struct{ gatehouse, benchsrv string }
+	bin      struct{ gatehouse, benchsrv, natssrv string }
 	caps     map[string]bool // what this build of serve supports (capNATS, ...)
 	capsFrom string          // how caps were found
 	machine  machineInfo
 	mon      *cpuMonitor
-	up       *proc  // the upstream every target forwards to
-	nginx    string // nginx binary, "" when not installed or not wanted
-	nginxNo  string // why nginx is not measured
+	up       *proc      // the upstream every target forwards to
+	nginx    string     // nginx binary, "" when not installed or not wanted
+	nginxNo  string     // why nginx is not measured
+	procsMu  sync.Mutex // guards procs: the outage scenario restarts NATS during a run
 	procs    []*proc
 	waited   time.Duration // spent in waitQuiet so far
 	slack    time.Duration // -budget minus the planned run: what redos and waits may take
@@ -99,12 +100,13 @@ func newEnv(ctx context.Context, o *options, w io.Writer) (*env, error) {
 	return e, nil
 }
 
-// build compiles the sidecar and the helper in parallel (the build cache makes the
+// build compiles the sidecar and the helpers in parallel (the build cache makes the
 // second run quick).
 func (e *env) build(ctx context.Context) error {
 	e.bin.benchsrv = filepath.Join(e.tmp, "benchsrv")
+	e.bin.natssrv = filepath.Join(e.tmp, "natssrv")
 	e.bin.gatehouse = e.o.Gatehouse
-	jobs := [][]string{{"-o", e.bin.benchsrv, "./bench/internal/benchsrv"}}
+	jobs := [][]string{{"-o", e.bin.benchsrv, "./bench/internal/benchsrv"}, {"-o", e.bin.natssrv, "./bench/internal/natssrv"}}
 	if e.bin.gatehouse == "" {
 		e.bin.gatehouse = filepath.Join(e.tmp, "gatehouse")
 		jobs = append(jobs, []string{"-o", e.bin.gatehouse, "./cmd/gatehouse"})
@@ -134,25 +136,22 @@ func (e *env) build(ctx context.Context) error {
 
 // readCaps finds what this build of `gatehouse serve` supports. The capability line of
 // `gatehouse version` ("capabilities: nats usage-outbox fleet-quota") is authoritative
-// when present. Without it, the harness probes the strict configuration decoder, which
-// rejects unknown keys: a build that accepts usage.enabled runs the usage outbox, and so
-// the replica on NATS; one that accepts quota.enabled takes fleet leases.
+// when present. Without it (a build from before the line), the harness probes the strict
+// configuration decoder, which rejects unknown keys: a build that accepts usage.enabled
+// runs the usage outbox, and so the replica on NATS; one that accepts quota.enabled takes
+// fleet leases.
 func (e *env) readCaps() {
 	out, err := exec.Command(e.bin.gatehouse, "version").Output()
 	if err != nil {
 		return
 	}
-	e.machine.Gatehouse = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
-	sc := bufio.NewScanner(strings.NewReader(string(out)))
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "capabilities:"); ok {
-			e.capsFrom = "gatehouse version"
-			for _, c := range strings.Fields(rest) {
-				e.caps[c] = true
-			}
+	version, caps, ok := parseVersion(string(out))
+	e.machine.Gatehouse = version
+	if ok {
+		e.capsFrom = "gatehouse version"
+		for _, c := range caps {
+			e.caps[c] = true
 		}
-	}
-	if e.capsFrom != "" {
 		return
 	}
 	knows := func(section string) bool {
@@ -169,6 +168,19 @@ func (e *env) readCaps() {
 		e.caps[capFleet] = true
 		e.capsFrom += ", quota.enabled"
 	}
+}
+
+// parseVersion splits the output of `gatehouse version` into its first line and the
+// capabilities its "capabilities:" line lists; ok is false when it has no such line.
+func parseVersion(out string) (version string, caps []string, ok bool) {
+	version = strings.TrimSpace(strings.SplitN(out, "\n", 2)[0])
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		if rest, found := strings.CutPrefix(strings.TrimSpace(sc.Text()), "capabilities:"); found {
+			caps, ok = append(caps, strings.Fields(rest)...), true
+		}
+	}
+	return version, caps, ok
 }
 
 func (e *env) findNginx() {
@@ -201,7 +213,9 @@ func (e *env) startProc(ctx context.Context, name, addr string, procs int, argv 
 		return nil, err
 	}
 	e.mon.add(p)
+	e.procsMu.Lock()
 	e.procs = append(e.procs, p)
+	e.procsMu.Unlock()
 	return p, nil
 }
 
@@ -214,16 +228,27 @@ func (e *env) stopProc(p *proc) {
 	e.mon.remove(p)
 }
 
-// startSidecar writes a configuration for snaps and runs `gatehouse serve` on it, then
-// waits until its admin /readyz says the entitlements are in.
+// startSidecar writes a configuration for snaps and runs `gatehouse serve` on it, with
+// its own data directory and an embedded NATS server on a free port, then waits until
+// its admin /readyz says the entitlements are in.
 func (e *env) startSidecar(ctx context.Context, name string, snaps []snapshotDoc) (*proc, error) {
+	return e.startSidecarWith(ctx, name, snaps, nil)
+}
+
+// startSidecarWith is startSidecar with NATS at natsURLs instead of embedded (nil:
+// embedded). With no snaps the sidecar has no entitlements file and takes what the
+// bucket holds.
+func (e *env) startSidecarWith(ctx context.Context, name string, snaps []snapshotDoc, natsURLs []string) (*proc, error) {
 	dir := filepath.Join(e.tmp, name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	snapPath := filepath.Join(dir, "entitlements.ndjson")
-	if err := writeSnapshots(snapPath, snaps); err != nil {
-		return nil, err
+	snapPath := ""
+	if len(snaps) > 0 {
+		snapPath = filepath.Join(dir, "entitlements.ndjson")
+		if err := writeSnapshots(snapPath, snaps); err != nil {
+			return nil, err
+		}
 	}
 	var addrs [3]string // proxy, admin, embedded NATS
 	for i := range addrs {
@@ -234,11 +259,14 @@ func (e *env) startSidecar(ctx context.Context, name string, snaps []snapshotDoc
 		addrs[i] = a
 	}
 	natsListen := ""
-	if e.caps[capNATS] {
+	if e.caps[capNATS] && len(natsURLs) == 0 {
 		natsListen = addrs[2]
 	}
 	cfgPath := filepath.Join(dir, "gatehouse.yaml")
-	cfg := sidecarConfig(addrs[0], addrs[1], e.up.addr, filepath.Join(dir, "data"), snapPath, natsListen, !e.o.Usage && e.caps[capUsage])
+	cfg := sidecarConfig(sidecarSpec{
+		listen: addrs[0], admin: addrs[1], upstream: e.up.addr, dataDir: filepath.Join(dir, "data"), snapshots: snapPath,
+		natsListen: natsListen, natsURLs: natsURLs, usageOff: !e.o.Usage && e.caps[capUsage],
+	})
 	if e.o.SidecarExtra != "" {
 		cfg += "# -sidecar-extra\n" + e.o.SidecarExtra + "\n"
 	}
@@ -250,12 +278,19 @@ func (e *env) startSidecar(ctx context.Context, name string, snaps []snapshotDoc
 	if err != nil {
 		return nil, err
 	}
-	p.admin, p.config = addrs[1], cfgPath
+	p.admin, p.config, p.nats = addrs[1], cfgPath, natsListen
 	if err := waitHTTP(ctx, p, "http://"+p.admin+"/readyz", time.Minute); err != nil {
 		e.stopProc(p)
 		return nil, err
 	}
-	e.logf("%s: ready in %s (%d customers)", name, time.Since(started).Round(10*time.Millisecond), len(snaps))
+	how := fmt.Sprintf("%d customers", len(snaps))
+	if len(snaps) == 0 {
+		how = "customers from the bucket"
+	}
+	if len(natsURLs) > 0 {
+		how += ", NATS at " + strings.Join(natsURLs, ",")
+	}
+	e.logf("%s: ready in %s (%s)", name, time.Since(started).Round(10*time.Millisecond), how)
 	return p, nil
 }
 
@@ -297,6 +332,8 @@ func (e *env) startBare(ctx context.Context, name string) (*proc, error) {
 }
 
 func (e *env) close() {
+	e.procsMu.Lock()
+	defer e.procsMu.Unlock()
 	for i := len(e.procs) - 1; i >= 0; i-- {
 		e.procs[i].stop()
 	}
@@ -313,7 +350,7 @@ func (e *env) waitQuiet(ctx context.Context, label string) {
 	for first := true; e.waited < e.o.QuietWait && ctx.Err() == nil && e.spend(probe); first = false {
 		a := e.mon.sample()
 		sleepCtx(ctx, probe)
-		u := usage(a, e.mon.sample(), "", "")
+		u := usage(a, e.mon.sample(), "")
 		e.waited += probe
 		if u.noise() <= e.o.MaxNoise {
 			return

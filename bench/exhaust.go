@@ -1,12 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"net/http"
-	"strconv"
-	"strings"
 	"time"
 )
 
@@ -39,6 +35,9 @@ type mismatch struct {
 	Limit    int64  `json:"limit"`
 	Admitted int64  `json:"admitted"`
 	Sent     int64  `json:"sent"`
+	// Leased is, in a fleet, the unused units each sidecar still held in its lease
+	// after the run (admin /v1/customers/{id}); nil when not asked.
+	Leased []int64 `json:"leased_per_sidecar,omitempty"`
 }
 
 func (exhaustScenario) plan(*options) time.Duration { return 10 * time.Second }
@@ -76,7 +75,7 @@ func (exhaustScenario) Run(ctx context.Context, e *env) (*scenarioResult, error)
 		xr.Admitted += ok
 		xr.Refused += refused
 		if ok != plan.limits[i] && len(xr.Mismatches) < 20 {
-			xr.Mismatches = append(xr.Mismatches, mismatch{exhaustCustomer(i), plan.limits[i], ok, plan.limits[i] + plan.extra[i]})
+			xr.Mismatches = append(xr.Mismatches, mismatch{Customer: exhaustCustomer(i), Limit: plan.limits[i], Admitted: ok, Sent: plan.limits[i] + plan.extra[i]})
 		}
 	}
 	xr.Other = xr.Sent - xr.Admitted - xr.Refused
@@ -104,36 +103,6 @@ func (exhaustScenario) Run(ctx context.Context, e *env) (*scenarioResult, error)
 // decisionsAllowed sums gatehouse_decisions_total for route and result "allow" from the
 // sidecar's admin /metrics.
 func decisionsAllowed(admin, route string) (int64, error) {
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://" + admin + "/metrics")
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET /metrics: %s", resp.Status)
-	}
-	var total int64
-	found := false
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		l := sc.Text()
-		if !strings.HasPrefix(l, "gatehouse_decisions_total{") ||
-			!strings.Contains(l, `route="`+route+`"`) || !strings.Contains(l, `result="allow"`) {
-			continue
-		}
-		v, err := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
-		if err != nil {
-			return 0, fmt.Errorf("metrics line %q: %w", l, err)
-		}
-		total += int64(v)
-		found = true
-	}
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	if !found {
-		return 0, nil
-	}
-	return total, nil
+	v, err := metricSum(admin, "gatehouse_decisions_total", `route="`+route+`"`, `result="allow"`)
+	return int64(v), err
 }

@@ -88,8 +88,8 @@ func run(ctx context.Context, o *options, w io.Writer) (*results, error) {
 		if ok, why := s.Available(e); !ok {
 			sr = &scenarioResult{Name: s.Name(), Status: "not_available", Reason: "not available in this build: " + why,
 				UsageCheck: usageCheck{Status: "not_available", Reason: "the scenario did not run"}}
-			if p, ok := s.(pendingScenario); ok {
-				sr.About = p.about
+			if d, ok := s.(describer); ok {
+				sr.About = d.about(o)
 			}
 			e.logf("%s: %s", s.Name(), sr.Reason)
 		} else {

@@ -46,8 +46,42 @@ type runSpec struct {
 	warmup   time.Duration // not recorded; shared workloads have none
 	duration time.Duration // recorded; shared workloads: an upper bound
 	drain    time.Duration // open loop: how long queued requests may take after the last is due
-	// admitted, when set, counts 2xx answers per template in every phase.
+	// segments splits an open-loop run's recorded phase at these offsets from its start
+	// (by intended send time), each part with its own counts and latency: the outage
+	// scenario's before, during and after.
+	segments []time.Duration
+}
+
+// loadTarget is one address the workers connect to. admitted, when set, counts the 2xx
+// answers it gave per template, in every phase (the usage check).
+type loadTarget struct {
+	addr     string
 	admitted []atomic.Int64
+}
+
+// segment is one part of an open-loop run (runSpec.segments).
+type segment struct {
+	requests, errors, unsent int64
+	status                   [6]int64
+	hist                     *hdrhistogram.Histogram // latency, µs, 2 significant digits
+}
+
+func (s *segment) add(o *segment) {
+	s.requests += o.requests
+	s.errors += o.errors
+	s.unsent += o.unsent
+	for i := range s.status {
+		s.status[i] += o.status[i]
+	}
+	s.hist.Merge(o.hist)
+}
+
+func newSegments(n int) []*segment {
+	out := make([]*segment, n)
+	for i := range out {
+		out[i] = &segment{hist: hdrhistogram.New(1, histMax, 2)}
+	}
+	return out
 }
 
 // loadResult is what one run measured.
@@ -62,6 +96,7 @@ type loadResult struct {
 	lag       *hdrhistogram.Histogram // open loop: actual send time minus intended, µs
 	ok        []int64                 // per template: 2xx (track)
 	refused   []int64                 // per template: 429 (track)
+	segments  []*segment              // open loop: runSpec.segments' parts, in order
 	cpuBefore sample
 	cpuAfter  sample
 }
@@ -110,19 +145,21 @@ const (
 // worker is one connection and its private counters; only its goroutine touches it
 // until the run ends.
 type worker struct {
-	addr    string
-	conn    net.Conn
-	br      *bufio.Reader
-	resp    fasthttp.Response
-	hist    *hdrhistogram.Histogram
-	lag     *hdrhistogram.Histogram
-	status  [6]int64
-	n       int64
-	errs    int64
-	unsent  int64
-	noRetry int64
-	ok      []int64
-	refused []int64
+	addr     string
+	admitted []atomic.Int64 // the target's 2xx per template, shared by its workers; may be nil
+	conn     net.Conn
+	br       *bufio.Reader
+	resp     fasthttp.Response
+	hist     *hdrhistogram.Histogram
+	lag      *hdrhistogram.Histogram
+	status   [6]int64
+	n        int64
+	errs     int64
+	unsent   int64
+	noRetry  int64
+	ok       []int64
+	refused  []int64
+	segs     []*segment // open loop with segments
 }
 
 func (w *worker) dial() error {
@@ -193,9 +230,40 @@ func (w *worker) count(tpl uint32, status int, latency time.Duration) {
 	w.hist.RecordValue(us)
 }
 
-// runLoad loads the target at addr as spec says. before and after are called at the
-// edges of the recorded phase, to sample CPU.
-func runLoad(ctx context.Context, addr string, wl *workload, spec runSpec, cpu func() sample) (*loadResult, error) {
+// answered counts a 2xx for the usage check, in every phase.
+func (w *worker) answered(tpl uint32, status int) {
+	if w.admitted != nil && status >= 200 && status < 300 {
+		w.admitted[tpl].Add(1)
+	}
+}
+
+// countSegment records a recorded open-loop request in the segment of its intended
+// send time (offset from the start of the recorded phase).
+func (w *worker) countSegment(bounds []time.Duration, at time.Duration, status int, latency time.Duration, unsent bool) {
+	if w.segs == nil {
+		return
+	}
+	i := 0
+	for i < len(bounds) && at >= bounds[i] {
+		i++
+	}
+	s := w.segs[i]
+	s.requests++
+	switch {
+	case unsent:
+		s.unsent++
+	case status == 0:
+		s.errors++
+	case status/100 >= 1 && status/100 <= 5:
+		s.status[status/100]++
+	}
+	s.hist.RecordValue(min(histMax, latency.Microseconds()))
+}
+
+// runLoad loads targets as spec says: worker i connects to targets[i % len(targets)],
+// so that a closed loop over several sidecars spreads its connections evenly. cpu is
+// called at the edges of the recorded phase.
+func runLoad(ctx context.Context, targets []loadTarget, wl *workload, spec runSpec, cpu func() sample) (*loadResult, error) {
 	ws := make([]*worker, spec.conns)
 	defer func() {
 		for _, w := range ws {
@@ -205,16 +273,20 @@ func runLoad(ctx context.Context, addr string, wl *workload, spec runSpec, cpu f
 		}
 	}()
 	for i := range ws {
-		w := &worker{addr: addr, hist: getHist()}
+		t := targets[i%len(targets)]
+		w := &worker{addr: t.addr, admitted: t.admitted, hist: getHist()}
 		if spec.open {
 			w.lag = getHist()
+			if len(spec.segments) > 0 {
+				w.segs = newSegments(len(spec.segments) + 1)
+			}
 		}
 		if wl.track {
 			w.ok, w.refused = make([]int64, len(wl.reqs)), make([]int64, len(wl.reqs))
 		}
 		if err := w.dial(); err != nil {
 			closeAll(ws)
-			return nil, fmt.Errorf("connect %s: %w", addr, err)
+			return nil, fmt.Errorf("connect %s: %w", t.addr, err)
 		}
 		ws[i] = w
 	}
@@ -233,7 +305,13 @@ func runLoad(ctx context.Context, addr string, wl *workload, spec runSpec, cpu f
 	if wl.track {
 		res.ok, res.refused = make([]int64, len(wl.reqs)), make([]int64, len(wl.reqs))
 	}
+	if spec.open && len(spec.segments) > 0 {
+		res.segments = newSegments(len(spec.segments) + 1)
+	}
 	for _, w := range ws {
+		for i, s := range w.segs {
+			res.segments[i].add(s)
+		}
 		res.hist.Merge(w.hist)
 		if w.lag != nil {
 			res.lag.Merge(w.lag)
@@ -296,9 +374,7 @@ func runClosed(ctx context.Context, ws []*worker, wl *workload, spec runSpec, cp
 				}
 				t0 := time.Now()
 				status := w.do(wl.reqs[tpl])
-				if spec.admitted != nil && status >= 200 && status < 300 {
-					spec.admitted[tpl].Add(1)
-				}
+				w.answered(tpl, status)
 				if p == phaseMeasure {
 					w.count(tpl, status, time.Since(t0))
 				}
@@ -355,20 +431,22 @@ func runOpen(ctx context.Context, ws []*worker, wl *workload, spec runSpec, cpu 
 				if abort.Load() {
 					// Never sent: charge it the time it has waited so far, a lower bound.
 					if due >= measureFrom {
+						waited := time.Since(base) - time.Duration(due)
 						w.unsent++
 						w.n++
-						w.hist.RecordValue(min(histMax, (time.Since(base) - time.Duration(due)).Microseconds()))
+						w.hist.RecordValue(min(histMax, waited.Microseconds()))
+						w.countSegment(spec.segments, time.Duration(due-measureFrom), 0, waited, true)
 					}
 					continue
 				}
 				sent := time.Since(base)
 				status := w.do(wl.reqs[tpl])
-				if spec.admitted != nil && status >= 200 && status < 300 {
-					spec.admitted[tpl].Add(1)
-				}
+				w.answered(tpl, status)
 				if due >= measureFrom {
-					w.count(tpl, status, time.Since(base)-time.Duration(due))
+					lat := time.Since(base) - time.Duration(due)
+					w.count(tpl, status, lat)
 					w.lag.RecordValue(max(0, (sent - time.Duration(due)).Microseconds()))
+					w.countSegment(spec.segments, time.Duration(due-measureFrom), status, lat, false)
 				}
 			}
 		}()

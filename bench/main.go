@@ -39,6 +39,14 @@ type options struct {
 	Control       bool          `json:"control"`
 	Customers     int           `json:"customers"`
 	ExhaustCusts  int           `json:"exhaust_customers"`
+	CompareDur    time.Duration `json:"compare_duration"` // churn's and fleet's runs, recorded
+	ChurnRate     float64       `json:"churn_rate"`
+	ChurnRounds   int           `json:"churn_rounds"`
+	Fleet         int           `json:"fleet"`
+	FleetCusts    int           `json:"fleet_customers"`
+	FleetRounds   int           `json:"fleet_rounds"`
+	Outage        time.Duration `json:"outage"`
+	OutageRate    float64       `json:"outage_rate"`
 	MaxNoise      float64       `json:"max_noise"`
 	MaxRedo       int           `json:"max_redo"`
 	QuietWait     time.Duration `json:"quiet_wait"`
@@ -64,18 +72,26 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	scen := fs.String("scenario", "all", "comma-separated scenarios: steady, exhaust, churn, fleet, outage, or all")
-	rates := fs.String("rates", "2000,10000,15000", "open-loop rates for the latency-against-load chart, besides -rate (empty: none)")
+	rates := fs.String("rates", "2000,10000", "open-loop rates for the latency-against-load chart, besides -rate (empty: none)")
 	fs.DurationVar(&o.Duration, "duration", 4*time.Second, "recorded time of each closed-loop run")
 	fs.DurationVar(&o.Warmup, "warmup", time.Second, "unrecorded warm-up before each closed-loop run")
-	fs.DurationVar(&o.OpenDuration, "open-duration", 4*time.Second, "recorded time of each open-loop run at -rate")
+	fs.DurationVar(&o.OpenDuration, "open-duration", 3*time.Second, "recorded time of each open-loop run at -rate")
 	fs.DurationVar(&o.OpenWarmup, "open-warmup", 500*time.Millisecond, "unrecorded warm-up before each open-loop run")
 	fs.DurationVar(&o.SweepDuration, "sweep-duration", 3*time.Second, "recorded time of each open-loop run at -rates")
 	fs.IntVar(&o.Conns, "conns", 64, "connections (closed loop: each sends as fast as answered; open loop: the pool)")
 	fs.Float64Var(&o.Rate, "rate", 5000, "open-loop rate (requests/s) of the latency pairs")
-	fs.IntVar(&o.Pairs, "pairs", 5, "adjacent (sidecar, bare proxy) pairs per comparison")
+	fs.IntVar(&o.Pairs, "pairs", 4, "adjacent (sidecar, bare proxy) pairs per comparison")
 	fs.BoolVar(&o.Control, "control", true, "measure one bare-vs-bare control pair (the noise floor)")
 	fs.IntVar(&o.Customers, "customers", 10000, "customers in steady")
-	fs.IntVar(&o.ExhaustCusts, "exhaust-customers", 200, "customers in exhaust, each with its own hard limit")
+	fs.IntVar(&o.ExhaustCusts, "exhaust-customers", 200, "customers in exhaust (and in fleet's exhaust phase), each with its own hard limit")
+	fs.DurationVar(&o.CompareDur, "compare-duration", 2*time.Second, "recorded time of each run of churn's and fleet's comparisons (closed and open loop; warm-ups as -warmup and -open-warmup)")
+	fs.Float64Var(&o.ChurnRate, "churn-rate", 100, "churn: entitlement snapshots pushed per second during the churn runs")
+	fs.IntVar(&o.ChurnRounds, "churn-rounds", 2, "churn: closed-loop (no churn, churn) rounds, and open-loop pairs at -rate")
+	fs.IntVar(&o.Fleet, "fleet", 4, "fleet: sidecars sharing one NATS")
+	fs.IntVar(&o.FleetCusts, "fleet-customers", 2000, "fleet: customers far from their limits, for the throughput rounds")
+	fs.IntVar(&o.FleetRounds, "fleet-rounds", 2, "fleet: closed-loop (one sidecar, the fleet) rounds")
+	fs.DurationVar(&o.Outage, "outage", 5*time.Second, "outage: how long NATS stays down")
+	fs.Float64Var(&o.OutageRate, "outage-rate", 2000, "outage: open-loop rate (requests/s) while NATS goes away and comes back")
 	fs.Float64Var(&o.MaxNoise, "max-noise", 0.10, "redo a pair when another process or the hypervisor took more than this share of the machine")
 	fs.IntVar(&o.MaxRedo, "max-redo", 2, "redone pairs allowed per comparison")
 	fs.DurationVar(&o.Budget, "budget", 4*time.Minute+45*time.Second, "redos and waits for quiet stop when the run would take longer than this")
@@ -122,6 +138,12 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 		return nil, fmt.Errorf("-rate must be > 0")
 	case o.Customers < 1 || o.ExhaustCusts < 1:
 		return nil, fmt.Errorf("-customers and -exhaust-customers must be >= 1")
+	case o.ChurnRate <= 0 || o.ChurnRounds < 1 || o.CompareDur <= 0:
+		return nil, fmt.Errorf("-churn-rate and -compare-duration must be > 0, -churn-rounds >= 1")
+	case o.Fleet < 2 || o.FleetRounds < 1 || o.FleetCusts < 1:
+		return nil, fmt.Errorf("-fleet must be >= 2, -fleet-rounds and -fleet-customers >= 1")
+	case o.Outage <= 0 || o.OutageRate <= 0:
+		return nil, fmt.Errorf("-outage and -outage-rate must be > 0")
 	}
 	return o, nil
 }

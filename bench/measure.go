@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strings"
 	"time"
 
@@ -73,15 +74,51 @@ func (r *runRecord) saturated() bool {
 	return r.Open && (r.Unsent > 0 || r.Throughput < 0.97*r.Rate || r.SendLagP50 > 1)
 }
 
-// measure loads target p and records the run.
+// besideUse is what something run beside a measured run (proc.beside) used: the CPU of
+// its short-lived child processes, which the CPU monitor cannot see and would otherwise
+// count as another process's noise.
+type besideUse struct {
+	cpu time.Duration
+}
+
+// members are the processes a target stands for: itself, or a view's group.
+func (p *proc) members() []*proc {
+	if p.group != nil {
+		return p.group
+	}
+	return []*proc{p}
+}
+
+// view is a target that stands for group under name: loaded together, the connections
+// spread over them, and with beside run next to each measured run.
+func (e *env) view(name string, group []*proc, beside func(context.Context) func() besideUse) *proc {
+	return &proc{name: name, addr: group[0].addr, group: group, beside: beside}
+}
+
+// measure loads target p (a process, or a view of several) and records the run.
 func (e *env) measure(ctx context.Context, label, phase string, round int, p *proc, wl *workload, spec runSpec) (*runRecord, *loadResult, error) {
-	spec.admitted = e.admitted[p]
-	res, err := runLoad(ctx, p.addr, wl, spec, e.mon.sample)
+	var targets []loadTarget
+	var names []string
+	for _, m := range p.members() {
+		targets = append(targets, loadTarget{addr: m.addr, admitted: e.admitted[m]})
+		names = append(names, m.name)
+	}
+	var stopBeside func() besideUse
+	if p.beside != nil {
+		stopBeside = p.beside(ctx)
+	}
+	res, err := runLoad(ctx, targets, wl, spec, e.mon.sample)
+	var bu besideUse
+	if stopBeside != nil {
+		bu = stopBeside()
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s against %s: %w", phase, p.name, err)
 	}
-	if !p.alive() {
-		return nil, nil, fmt.Errorf("%s exited during the run; log %s:\n%s", p.name, p.log, tail(p.log))
+	for _, m := range p.members() {
+		if !m.alive() {
+			return nil, nil, fmt.Errorf("%s exited during the run; log %s:\n%s", m.name, m.log, tail(m.log))
+		}
 	}
 	r := &runRecord{
 		Phase: phase, Target: p.name, Round: round, Open: spec.open, Conns: spec.conns,
@@ -103,7 +140,12 @@ func (e *env) measure(ctx context.Context, label, phase string, round int, p *pr
 		r.Throughput = float64(answered) / r.Seconds
 	}
 	r.Latency = summarize(res.hist)
-	r.CPU = usage(res.cpuBefore, res.cpuAfter, p.name, e.up.name)
+	r.CPU = usage(res.cpuBefore, res.cpuAfter, e.up.name, names...)
+	if bu.cpu > 0 && res.elapsed > 0 {
+		// Not noise: ours, though the monitor could not see it.
+		r.CPU.Beside = bu.cpu.Seconds() / (res.elapsed.Seconds() * float64(runtime.NumCPU()))
+		r.CPU.Other = max(0, r.CPU.Other-r.CPU.Beside)
+	}
 	if answered > 0 {
 		perTick := float64(time.Second/clockTicks) / float64(time.Microsecond)
 		r.TargetCPU = float64(r.CPU.TargetTicks) * perTick / float64(answered)

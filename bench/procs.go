@@ -18,13 +18,19 @@ import (
 type proc struct {
 	name string
 	addr string // where it serves HTTP
-	// A sidecar's admin address and configuration file.
-	admin, config string
-	cmd           *exec.Cmd
-	log           string // its stdout and stderr
-	pids          []int  // the process and its descendants (nginx workers), for CPU accounting
-	done          chan struct{}
-	err           error // set when done is closed
+	// A sidecar's admin address, configuration file, and the client address of its
+	// embedded NATS server ("" when it connects to an external one).
+	admin, config, nats string
+	// A view (env.view) has no process of its own: it stands for group under its own
+	// name, loaded together (a fleet), and runs beside, when set, next to each measured
+	// run (churn's updates). Its other fields are unused.
+	group  []*proc
+	beside func(ctx context.Context) (stop func() besideUse)
+	cmd    *exec.Cmd
+	log    string // its stdout and stderr
+	pids   []int  // the process and its descendants (nginx workers), for CPU accounting
+	done   chan struct{}
+	err    error // set when done is closed
 }
 
 // startProc starts argv with extra environment env, logging to dir/name.log, and waits
@@ -101,6 +107,15 @@ func (p *proc) stop() {
 		_ = syscall.Kill(pgid, syscall.SIGKILL)
 		<-p.done
 	}
+}
+
+// kill ends the process group at once with SIGKILL, as a crash would, and waits for it.
+func (p *proc) kill() {
+	if p == nil || !p.alive() {
+		return
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
 }
 
 // refreshPids finds the process's descendants (nginx's workers) by scanning /proc.

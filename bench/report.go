@@ -20,6 +20,56 @@ func writeScenario(w io.Writer, s *scenarioResult) {
 	if s.Exhaust != nil {
 		writeExhaust(w, s.Exhaust)
 	}
+	if s.Churn != nil {
+		writeChurn(w, s.Churn)
+	}
+	if s.Fleet != nil {
+		writeFleet(w, s.Fleet)
+	}
+	if s.Outage != nil {
+		writeOutage(w, s.Outage)
+	}
+}
+
+// writeRuns prints merged runs of targets in order: the closed-loop columns, or with
+// open the open-loop ones; vs gives each target's comparison column.
+func writeRuns(w io.Writer, sum map[string]targetSummary, order []string, open bool, vsHead string, vs func(string) string) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	if open {
+		fmt.Fprintf(tw, "run\tachieved/s\tp50 ms\tp90 ms\tp99 ms\tp99.9 ms\tmax ms\tCPU µs/req\t%s\t\n", vsHead)
+	} else {
+		fmt.Fprintf(tw, "run\treq/s\tp50 ms\tp90 ms\tp99 ms\tp99.9 ms\tCPU µs/req\t%s\t\n", vsHead)
+	}
+	for _, t := range order {
+		s, ok := sum[t]
+		if !ok {
+			continue
+		}
+		thr := thousands(s.Throughput.Median)
+		if s.Saturated {
+			thr += " (saturated)"
+		}
+		l := s.Latency
+		if open {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.1f\t%s\t\n", t, thr, fmtMs(l.P50), fmtMs(l.P90), fmtMs(l.P99), fmtMs(l.P999), fmtMs(l.Max), s.CPU.Median, vs(t))
+		} else {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%.1f\t%s\t\n", t, thr, fmtMs(l.P50), fmtMs(l.P90), fmtMs(l.P99), fmtMs(l.P999), s.CPU.Median, vs(t))
+		}
+	}
+	tw.Flush()
+}
+
+// redone counts the runs that were redone for noise.
+func redone(runs ...[]*runRecord) int {
+	n := 0
+	for _, rs := range runs {
+		for _, r := range rs {
+			if r.Discarded {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 func ratio(s stat) string {

@@ -31,16 +31,7 @@ const perRun = 150 * time.Millisecond
 
 // scenarios are all that the harness knows, in the default order.
 func scenarios() []scenario {
-	return []scenario{
-		steadyScenario{},
-		exhaustScenario{},
-		pendingScenario{name: "churn", about: "entitlement updates pushed through NATS during load",
-			needs: []string{capNATS}},
-		pendingScenario{name: "fleet", about: "several sidecars sharing hard limits through KV leases",
-			needs: []string{capNATS, capFleet}},
-		pendingScenario{name: "outage", about: "NATS stopped and restarted during load",
-			needs: []string{capNATS, capUsage}},
-	}
+	return []scenario{steadyScenario{}, exhaustScenario{}, churnScenario{}, fleetScenario{}, outageScenario{}}
 }
 
 func lookupScenario(name string) (scenario, error) {
@@ -54,8 +45,13 @@ func lookupScenario(name string) (scenario, error) {
 	return nil, fmt.Errorf("unknown scenario %q (have %s)", name, strings.Join(names, ", "))
 }
 
-// Capabilities that `gatehouse version` lists on a line "capabilities: ..." once serve
-// has them. The names are the harness's proposal; the line does not exist yet.
+// describer is implemented by scenarios whose one-line description is worth giving
+// even when they cannot run.
+type describer interface {
+	about(o *options) string
+}
+
+// Capabilities that `gatehouse version` lists on its line "capabilities: ...".
 const (
 	capNATS  = "nats"         // serve runs the KV replica (embedded or external NATS)
 	capUsage = "usage-outbox" // serve publishes usage, and `gatehouse usage` reports it
@@ -72,26 +68,24 @@ func missingCaps(e *env, needs []string) []string {
 	return miss
 }
 
-// pendingScenario stands for a scenario whose sidecar side is still being built: it
-// reports why it cannot run. When gatehouse reports the capabilities, the scenario's
-// body is the next thing to write here.
-type pendingScenario struct {
-	name, about string
-	needs       []string
-}
-
-func (p pendingScenario) Name() string { return p.name }
-
-func (p pendingScenario) Available(e *env) (bool, string) {
-	if miss := missingCaps(e, p.needs); len(miss) > 0 {
-		return false, fmt.Sprintf("gatehouse serve has no %s support yet (`gatehouse version` lists no capability %s)",
-			strings.Join(miss, "/"), strings.Join(miss, ", "))
+// needCaps is Available for a scenario that needs the capabilities needs.
+func needCaps(e *env, needs ...string) (bool, string) {
+	if miss := missingCaps(e, needs); len(miss) > 0 {
+		return false, fmt.Sprintf("this gatehouse lacks %s (%s)", strings.Join(miss, ", "), capsSource(e))
 	}
-	return false, fmt.Sprintf("gatehouse serve supports %s now, but the harness's %s scenario is not written yet", strings.Join(p.needs, ", "), p.name)
+	return true, ""
 }
 
-func (p pendingScenario) Run(context.Context, *env) (*scenarioResult, error) {
-	return nil, fmt.Errorf("%s: not available", p.name)
+func capsSource(e *env) string {
+	if e.capsFrom == "" {
+		return "`gatehouse version` lists no capabilities, and its configuration knows neither usage.enabled nor quota.enabled"
+	}
+	var have []string
+	for c := range e.caps {
+		have = append(have, c)
+	}
+	sort.Strings(have)
+	return fmt.Sprintf("capabilities %v, from %s", have, e.capsFrom)
 }
 
 // scenarioResult is one scenario's part of results.json.
@@ -105,6 +99,9 @@ type scenarioResult struct {
 	UsageCheck usageCheck     `json:"usage_check"`
 	Steady     *steadyResult  `json:"steady,omitempty"`
 	Exhaust    *exhaustResult `json:"exhaust,omitempty"`
+	Churn      *churnResult   `json:"churn,omitempty"`
+	Fleet      *fleetResult   `json:"fleet,omitempty"`
+	Outage     *outageResult  `json:"outage,omitempty"`
 }
 
 // check is one pass/fail statement with the figures behind it.

@@ -25,6 +25,8 @@ const steadyAbout = "customers on a mix of boolean and metered routes (hello: me
 type steadyResult struct {
 	Customers int    `json:"customers"`
 	Nginx     string `json:"nginx"`
+	// Warm is one hello per customer before anything is measured (its first leases).
+	Warm *runRecord `json:"warm_up_run"`
 	// Closed loop, in rounds: each round measures sidecar and bare proxy back to back
 	// (alternating which goes first) and nginx next to the bare proxy.
 	Closed            []*runRecord             `json:"closed_loop_runs"`
@@ -75,7 +77,7 @@ func (steadyScenario) plan(o *options) time.Duration {
 	}
 	open := time.Duration(2*o.Pairs+2) * (o.OpenWarmup + o.OpenDuration + perRun)
 	sweep := time.Duration(4*len(o.Rates)) * (o.OpenWarmup + o.SweepDuration + perRun)
-	return closed + open + sweep + 8*time.Second // start, sanity, usage check
+	return closed + open + sweep + 10*time.Second // start, sanity, leases, usage check
 }
 
 func (steadyScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) {
@@ -96,6 +98,11 @@ func (steadyScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) 
 	if err := steadySanity(wl, admitted, sidecar, bare, bareB, ngx, e.up); err != nil {
 		return nil, err
 	}
+	warm, err := e.warmLeases(ctx, "steady warm-up", sidecar, wl, o.Customers)
+	if err != nil {
+		return nil, err
+	}
+	sr.Warm = warm
 
 	closed := runSpec{conns: o.Conns, warmup: o.Warmup, duration: o.Duration}
 	keep := func(dst *[]*runRecord) func(*runRecord) { return func(r *runRecord) { *dst = append(*dst, r) } }
@@ -196,7 +203,7 @@ func (steadyScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) 
 	}
 
 	var lost int64
-	for _, rs := range [][]*runRecord{sr.Closed, sr.Open, sr.Sweep} {
+	for _, rs := range [][]*runRecord{{sr.Warm}, sr.Closed, sr.Open, sr.Sweep} {
 		for _, r := range rs {
 			sr.Non2xx += r.non2xx()
 			if r.Target == "sidecar" {

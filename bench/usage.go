@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os/exec"
 	"sort"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -61,16 +62,29 @@ func admittedUnits(wl *workload, counts []atomic.Int64) map[[2]string]int64 {
 
 // checkUsage runs the usage check of sidecar p after its load.
 func (e *env) checkUsage(ctx context.Context, p *proc, wl *workload, transportErrors int64) usageCheck {
+	return e.checkUsageOf(ctx, []*proc{p}, wl, transportErrors)
+}
+
+// checkUsageOf runs the usage check over sidecars that publish into one stream (a
+// fleet on one NATS): admitted is what all of them gave together, and the stream is
+// read once, through the first one's configuration.
+func (e *env) checkUsageOf(ctx context.Context, ps []*proc, wl *workload, transportErrors int64) usageCheck {
 	uc := usageCheck{Status: "not_available", Transport: transportErrors}
-	counts, ok := e.admitted[p]
-	if !ok {
-		uc.Reason = "the harness did not track this sidecar's answers"
-		return uc
+	want := map[[2]string]int64{}
+	var names []string
+	for _, p := range ps {
+		counts, ok := e.admitted[p]
+		if !ok {
+			uc.Reason = "the harness did not track the answers of " + p.name
+			return uc
+		}
+		for k, v := range admittedUnits(wl, counts) {
+			want[k] += v
+			uc.Admitted += v
+		}
+		names = append(names, p.name)
 	}
-	want := admittedUnits(wl, counts)
-	for _, v := range want {
-		uc.Admitted += v
-	}
+	p := ps[0]
 	switch {
 	case !e.caps[capUsage]:
 		uc.Reason = "not available in this build: gatehouse serve publishes no usage (`gatehouse version` lists no capability usage-outbox, and check-config does not know usage.enabled)"
@@ -129,7 +143,7 @@ func (e *env) checkUsage(ctx context.Context, p *proc, wl *workload, transportEr
 		sleepCtx(ctx, time.Second)
 	}
 	e.logf("%s: usage check %s: admitted %d units, published %d, %d of %d keys differ (%.1f s)",
-		p.name, uc.Status, uc.Admitted, uc.Published, uc.Mismatched, uc.Keys, uc.Seconds)
+		strings.Join(names, "+"), uc.Status, uc.Admitted, uc.Published, uc.Mismatched, uc.Keys, uc.Seconds)
 	return uc
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -12,13 +13,23 @@ import (
 // The sidecar's configuration and the two workloads that exist today. One
 // configuration serves every scenario; each scenario brings its own customers.
 
+// sidecarSpec is what differs between the sidecars the harness runs.
+type sidecarSpec struct {
+	listen, admin, upstream, dataDir string
+	snapshots                        string   // entitlements.file; "" for none
+	natsListen                       string   // the embedded NATS server's address; "" for the default
+	natsURLs                         []string // external NATS instead of the embedded server
+	usageOff                         bool     // usage.enabled: false
+}
+
 // sidecarConfig is the YAML the sidecar runs with. The server and upstream sections
 // keep config.Default's values, which the bare proxy copies.
 // natsListen is the embedded NATS server's address, so that parallel sidecars (and
-// anything else on the machine) never share the default port. usageOff writes
-// usage.enabled: false, a key that only builds with usage accounting know.
-func sidecarConfig(listen, admin, upstream, dataDir, snapshots, natsListen string, usageOff bool) string {
-	r := strings.NewReplacer("LISTEN", listen, "ADMIN", admin, "UPSTREAM", upstream, "DATA", dataDir, "SNAPS", snapshots)
+// anything else on the machine) never share the default port; with natsURLs the sidecar
+// connects to them instead. usageOff writes usage.enabled: false, a key that only builds
+// with usage accounting know.
+func sidecarConfig(sp sidecarSpec) string {
+	r := strings.NewReplacer("LISTEN", sp.listen, "ADMIN", sp.admin, "UPSTREAM", sp.upstream, "DATA", sp.dataDir, "SNAPS", sp.snapshots)
 	cfg := r.Replace(`# Written by the bench harness (bench/workloads.go).
 listen: "LISTEN"
 admin_listen: "ADMIN"
@@ -57,10 +68,13 @@ log:
   level: warn
   format: json
 `)
-	if natsListen != "" {
-		cfg += "nats:\n  embedded_listen: \"" + natsListen + "\"\n"
+	switch {
+	case len(sp.natsURLs) > 0:
+		cfg += "nats:\n  urls: [\"" + strings.Join(sp.natsURLs, "\", \"") + "\"]\n"
+	case sp.natsListen != "":
+		cfg += "nats:\n  embedded_listen: \"" + sp.natsListen + "\"\n"
 	}
-	if usageOff {
+	if sp.usageOff {
 		cfg += "usage:\n  enabled: false\n"
 	}
 	return cfg
@@ -119,14 +133,18 @@ func exhaustCustomer(i int) string { return fmt.Sprintf("limited-%04d", i) }
 func steadySnapshots(n int) []snapshotDoc {
 	out := make([]snapshotDoc, n)
 	for i := range out {
-		out[i] = snapshotDoc{CustomerID: steadyCustomer(i), Billing: billing(i), Features: map[string]featureDoc{
-			"api_calls":          {Type: "metered", UsageLimit: ptr[int64](1e12), Reset: "MONTHLY"},
-			"searches":           {Type: "metered", UsageLimit: ptr[int64](1e12), IsSoftLimit: true, Reset: "DAILY"},
-			"advanced_analytics": {Type: "boolean", IsEnabled: ptr(true)},
-			"support_tier":       {Type: "static", Static: []string{tiers[i%len(tiers)]}},
-		}}
+		out[i] = steadySnapshot(i)
 	}
 	return out
+}
+
+func steadySnapshot(i int) snapshotDoc {
+	return snapshotDoc{CustomerID: steadyCustomer(i), Billing: billing(i), Features: map[string]featureDoc{
+		"api_calls":          {Type: "metered", UsageLimit: ptr[int64](1e12), Reset: "MONTHLY"},
+		"searches":           {Type: "metered", UsageLimit: ptr[int64](1e12), IsSoftLimit: true, Reset: "DAILY"},
+		"advanced_analytics": {Type: "boolean", IsEnabled: ptr(true)},
+		"support_tier":       {Type: "static", Static: []string{tiers[i%len(tiers)]}},
+	}}
 }
 
 // request builds one raw HTTP/1.1 request.
@@ -186,6 +204,24 @@ func steadyWorkload(n int) *workload {
 		wl.order[k] = uint32(c*len(steadyRoutes) + weights[rng.IntN(len(weights))])
 	}
 	return wl
+}
+
+// leaseWarmup is one hello for each of steady's first n customers (wl's templates from
+// index 0), sent once: the first request of a customer on a sidecar takes a fleet lease
+// of api_calls from the bucket (a KV round trip), and thousands of them would otherwise
+// land in the first measured run.
+func leaseWarmup(wl *workload, n int) *workload {
+	warm := &workload{reqs: wl.reqs, uses: wl.uses, shared: true}
+	for c := range n {
+		warm.order = append(warm.order, uint32(c*len(steadyRoutes)))
+	}
+	return warm
+}
+
+// warmLeases sends leaseWarmup(wl, n) to p, closed loop, and returns the run.
+func (e *env) warmLeases(ctx context.Context, label string, p *proc, wl *workload, n int) (*runRecord, error) {
+	r, _, err := e.measure(ctx, label, "warm", 0, p, leaseWarmup(wl, n), runSpec{conns: e.o.Conns, duration: time.Minute})
+	return r, err
 }
 
 // exhaustPlan is the exhaust workload: customer i has a hard limit limits[i] on

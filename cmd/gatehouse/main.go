@@ -21,6 +21,12 @@ import (
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"
 
+// capabilities are what this build of serve does, as `gatehouse version` lists them on
+// its second line, so that tools (the bench harness) need not guess from the version:
+// nats (the replica on an embedded or external NATS), usage-outbox (usage published to
+// JetStream, read back by `gatehouse usage`), fleet-quota (hard limits through KV leases).
+const capabilities = "nats usage-outbox fleet-quota"
+
 // exitError carries the exit status of a failure: 2 for bad usage or bad config.
 type exitError struct {
 	code int
@@ -44,7 +50,7 @@ Usage:
   gatehouse push -config FILE -delete CUSTOMER  revoke a customer
   gatehouse usage -config FILE [-json]          print published usage per customer, feature and window
   gatehouse bridge flexprice -config FILE       sync entitlements from Flexprice and usage to it
-  gatehouse version                             print the version
+  gatehouse version                             print the version and the capabilities of this build
 `
 
 // defaultMemoryLimit is the soft memory limit the Go runtime keeps to when GOMEMLIMIT
@@ -91,6 +97,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdBridge(ctx, args, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "gatehouse", version)
+		fmt.Fprintln(stdout, "capabilities:", capabilities)
 		return nil
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usageText)

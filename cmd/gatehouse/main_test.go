@@ -74,7 +74,7 @@ routes:
 		{"missing flag", []string{"check-config"}, 2, "", []string{"-config FILE is required"}},
 		{"unknown command", []string{"frobnicate"}, 2, "", []string{`unknown command "frobnicate"`}},
 		{"serve with a malformed snapshot file exits 2", []string{"serve", "-config", badFile}, 2, "", []string{"snapshot 2"}},
-		{"version", []string{"version"}, 0, "gatehouse dev", nil},
+		{"version", []string{"version"}, 0, "gatehouse dev\ncapabilities: nats usage-outbox fleet-quota\n", nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
