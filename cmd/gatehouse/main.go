@@ -58,9 +58,20 @@ Usage:
 // what is live before a collection.
 const defaultMemoryLimit = 256 << 20
 
+// defaultGCPercent is the GOGC the process runs with when GOGC is not set: a collection
+// when the heap has grown to 5 times what is live (or at the memory limit, whichever
+// comes first). Each collection takes CPU from the requests for tens of milliseconds on
+// a small machine, which shows in the latency tail; the background work (Badger, the
+// usage publisher, the embedded NATS) allocates steadily, so collecting less often is
+// worth the memory, and the memory limit bounds it.
+const defaultGCPercent = 400
+
 func main() {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(defaultMemoryLimit)
+	}
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(defaultGCPercent)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)

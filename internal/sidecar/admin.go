@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -28,6 +29,7 @@ const (
 	ConfigPath   = "/v1/config"         // GET: the running configuration as YAML, secrets redacted
 	ResyncPath   = "/v1/resync"         // POST: full resync of the replica
 	StatusPath   = "/v1/status"         // GET: readiness, configuration origin, component stats
+	PprofPath    = "/debug/pprof/"      // GET: Go's profiles (net/http/pprof), for performance work
 )
 
 // resyncTimeout bounds a full resync requested over the admin API.
@@ -188,6 +190,12 @@ func newAdmin(s *Sidecar) *adminServer {
 	mux.HandleFunc("GET "+ConfigPath, a.config)
 	mux.HandleFunc("POST "+ResyncPath, a.resync)
 	mux.HandleFunc("GET "+StatusPath, a.status)
+	// Profiles cost nothing until asked for; the admin listener is loopback by default.
+	mux.HandleFunc("GET "+PprofPath, pprof.Index)
+	mux.HandleFunc("GET "+PprofPath+"cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET "+PprofPath+"profile", pprof.Profile)
+	mux.HandleFunc("GET "+PprofPath+"symbol", pprof.Symbol)
+	mux.HandleFunc("GET "+PprofPath+"trace", pprof.Trace)
 	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: zap.NewStdLog(a.log)}
 	return a
 }

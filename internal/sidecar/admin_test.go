@@ -567,3 +567,17 @@ func TestShadowEndToEnd(t *testing.T) {
 		}
 	}
 }
+
+// The admin listener serves Go's profiles.
+func TestPprof(t *testing.T) {
+	a := startAdmSidecar(t, admConfig, nil)
+	for _, path := range []string{PprofPath, PprofPath + "heap?debug=1", PprofPath + "goroutine?debug=1"} {
+		status, _, body := a.admin(t, "GET", path)
+		if status != 200 || len(body) == 0 {
+			t.Errorf("GET %s: %d, %d bytes", path, status, len(body))
+		}
+	}
+	if status, _, body := a.admin(t, "GET", PprofPath+"heap?debug=1"); status != 200 || !strings.Contains(string(body), "heap profile") {
+		t.Errorf("heap profile: %d %.80q", status, body)
+	}
+}

@@ -358,8 +358,13 @@ func (r *Recorder) loadCounters(es []batchEntry) error {
 // sortEntries orders a message's deltas by customer, feature and window.
 func sortEntries(es []batchEntry) {
 	slices.SortFunc(es, func(a, b batchEntry) int {
-		return cmp.Or(strings.Compare(a.k.Customer, b.k.Customer), strings.Compare(a.k.Feature, b.k.Feature),
-			cmp.Compare(a.k.WindowStart, b.k.WindowStart))
+		if c := strings.Compare(a.k.Customer, b.k.Customer); c != 0 { // cmp.Or would compute all three
+			return c
+		}
+		if c := strings.Compare(a.k.Feature, b.k.Feature); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.k.WindowStart, b.k.WindowStart)
 	})
 }
 
