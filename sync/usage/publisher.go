@@ -153,6 +153,7 @@ func (r *Recorder) step(ctx context.Context, due *bool) time.Duration {
 	}
 	if !r.js.Conn().IsConnected() {
 		// Publishing now would only queue copies in the client's reconnect buffer.
+		r.st.publishErrors.Add(1) // an attempt that could not be made, for alerting on outages
 		return r.failed(fmt.Errorf("publish %s: not connected to NATS", p.pending.id))
 	}
 	if err := r.publish(ctx); err != nil {

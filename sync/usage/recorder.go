@@ -447,7 +447,7 @@ type Stats struct {
 	Published        uint64 // messages acknowledged by JetStream
 	PublishedDeltas  uint64 // deltas in them
 	PublishedRecords uint64 // usage records in them (as far as known across restarts)
-	PublishErrors    uint64 // failed publish attempts (each is retried)
+	PublishErrors    uint64 // failed publish attempts, and those NATS being unreachable prevented (each is retried)
 	Recovered        uint64 // republished messages found already stored (lost acknowledgements)
 	Conflicts        uint64 // refusals by a message of another process on this sidecar's subject
 	Rebaselines      uint64 // times this sidecar's earlier messages were found removed from the stream
