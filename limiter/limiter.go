@@ -102,7 +102,12 @@ type Usage struct {
 	Key      CounterKey
 	End      int64 // window end, unix nanoseconds
 	Quantity int64
-	Overage  int64 // the part of Quantity over the limit (soft limits)
+	Overage  int64 // the part of Quantity over the limit (soft limits), as this process counted
+	// Limited says the feature has a limit, Limit: the usage outbox then computes the
+	// overage again in the order its commits are durable, which a crash can make differ
+	// from the order of Commit calls.
+	Limited bool
+	Limit   int64
 }
 
 // Decision is the outcome of Reserve. When Reason is not OK, Feature, Limit, Used and
@@ -373,6 +378,7 @@ func (l *Limiter) Commit(r *Reservation, out []Usage) []Usage {
 		after := it.c.committed.Add(it.actual)
 		u := Usage{Key: it.c.Key, End: it.c.End, Quantity: it.actual}
 		if !it.f.Unlimited {
+			u.Limited, u.Limit = true, it.f.Limit
 			before := after - it.actual
 			switch {
 			case before >= it.f.Limit:

@@ -90,8 +90,11 @@ type Recorder struct {
 	state int               // stateNew, stateRunning, stateClosed
 	wake  chan struct{}     // capacity 1: the queue or the state changed
 
-	w writer    // owned by the writer goroutine
-	p publisher // owned by the publisher goroutine
+	w writer // owned by the writer goroutine
+
+	sums  map[limiter.CounterKey]*counter // durable counters at New, for Restore
+	stale [][]byte                        // settled counters of long-ended windows, deleted by Restore
+	p     publisher                       // owned by the publisher goroutine
 
 	lastBatch atomic.Uint64 // highest committed batch sequence
 	flushCh   chan *flushWaiter
@@ -178,10 +181,15 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 		writerDone:      make(chan struct{}),
 		pubDone:         make(chan struct{}),
 	}
-	r.w.init()
 	if err := r.load(); err != nil {
 		return nil, fmt.Errorf("usage: load outbox: %w", err)
 	}
+	sums, stale, err := r.durableSums()
+	if err != nil {
+		return nil, err
+	}
+	r.sums, r.stale = sums, stale
+	r.w.init(sums, opts.Now())
 	return r, nil
 }
 
@@ -330,8 +338,34 @@ func (r *Recorder) signal() {
 // the floor.
 func (r *Recorder) Restore(l *limiter.Limiter) error {
 	now := r.opts.Now().UnixNano()
+	restored := 0
+	for k, c := range r.sums {
+		if c.end > now {
+			l.Restore(k, c.end, c.quantity)
+			restored++
+		}
+	}
+	wb := r.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, k := range r.stale {
+		if err := wb.Delete(k); err != nil {
+			return fmt.Errorf("usage: delete expired counters: %w", err)
+		}
+	}
+	if err := wb.Flush(); err != nil {
+		return fmt.Errorf("usage: delete expired counters: %w", err)
+	}
+	r.log.Info("usage counters restored", zap.Int("restored", restored), zap.Int("expired_deleted", len(r.stale)))
+	r.stale = nil
+	return nil
+}
+
+// durableSums reads every counter's durable value (see Restore) as of now, and the keys
+// of settled counters whose windows ended more than counterRetention ago.
+func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale [][]byte, err error) {
+	now := r.opts.Now().UnixNano()
 	horizon := now - int64(counterRetention)
-	sums := make(map[limiter.CounterKey]*counter)
+	sums = make(map[limiter.CounterKey]*counter)
 	addTo := func(k limiter.CounterKey, end, qty int64) {
 		c := sums[k]
 		if c == nil {
@@ -341,8 +375,7 @@ func (r *Recorder) Restore(l *limiter.Limiter) error {
 		c.end = max(c.end, end)
 		c.quantity += qty
 	}
-	var stale [][]byte
-	err := r.db.View(func(txn *badger.Txn) error { // one snapshot of every place
+	err = r.db.View(func(txn *badger.Txn) error { // one snapshot of every place
 		var floor uint64
 		var mark settleMark
 		if err := getValue(txn, keyFloor, func(v []byte) (err error) { floor, err = decodeU64(v); return err }); err != nil {
@@ -414,27 +447,9 @@ func (r *Recorder) Restore(l *limiter.Limiter) error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("usage: restore counters: %w", err)
+		return nil, nil, fmt.Errorf("usage: read durable counters: %w", err)
 	}
-	restored := 0
-	for k, c := range sums {
-		if c.end > now {
-			l.Restore(k, c.end, c.quantity)
-			restored++
-		}
-	}
-	wb := r.db.NewWriteBatch()
-	defer wb.Cancel()
-	for _, k := range stale {
-		if err := wb.Delete(k); err != nil {
-			return fmt.Errorf("usage: delete expired counters: %w", err)
-		}
-	}
-	if err := wb.Flush(); err != nil {
-		return fmt.Errorf("usage: delete expired counters: %w", err)
-	}
-	r.log.Info("usage counters restored", zap.Int("restored", restored), zap.Int("expired_deleted", len(stale)))
-	return nil
+	return sums, stale, nil
 }
 
 // Stats are the recorder's counters and gauges, for metrics and readiness.

@@ -182,3 +182,44 @@ func TestVersion1PendingMessage(t *testing.T) {
 		t.Fatalf("the version-1 message is still stored after its acknowledgement: %v", err)
 	}
 }
+
+// Overage is the part of the durable total beyond the limit, in the order commits are
+// durable: when the limiter counted a request whose commit a crash then lost, the next
+// request's overage (as the limiter computed it) would be one unit too many.
+func TestOverageFollowsDurableOrder(t *testing.T) {
+	e := newEnv(t)
+	k := limiter.CounterKey{Customer: "cust_soft", Feature: "exports", WindowStart: window0.UnixNano()}
+	end := window0.AddDate(100, 0, 0).UnixNano()
+	soft := func(qty, limiterOverage int64) limiter.Usage {
+		return limiter.Usage{Key: k, End: end, Quantity: qty, Overage: limiterOverage, Limited: true, Limit: 10}
+	}
+	r := e.recorder(hourly)
+	for range 9 {
+		if err := r.Record([]limiter.Usage{soft(1, 0)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.Close(expired())
+	e.reopen()
+
+	// The limiter had counted a 10th request (lost in the crash) before this one, so it
+	// says this one is over; durably it is the 10th, within the limit.
+	r2 := e.recorder(hourly)
+	if err := r2.Restore(limiter.New()); err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []limiter.Usage{soft(1, 1), soft(3, 3), {Key: k, End: end, Quantity: 2, Overage: 2}} {
+		if err := r2.Record([]limiter.Usage{u}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flush(t, r2)
+	totals, err := Totals(within(t, 10*time.Second), e.js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 9 + 1 (within) + 3 (over) + 2 (no limit known: overage as given).
+	if len(totals) != 1 || totals[0].Quantity != 15 || totals[0].Overage != 5 {
+		t.Fatalf("totals %+v, want quantity 15 and overage 3 + 2", totals)
+	}
+}

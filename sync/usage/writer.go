@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"sync/atomic"
 	"time"
 
@@ -29,15 +30,31 @@ type writer struct {
 	agg     map[limiter.CounterKey]int // key -> index in aggs, for the batch at hand
 	aggs    []aggEntry                 // the batch's usage, summed per key
 	failing atomic.Bool                // the last commit failed; read by Readiness
+
+	// totals is every key's durable quantity, in the order of the commits: overage is
+	// computed from it, so that what is published agrees with what is durable even when
+	// a crash lost a commit that the limiter had counted before this one.
+	totals  map[limiter.CounterKey]*durableTotal
+	pruneAt time.Time // next time to forget the totals of ended windows
 }
+
+type durableTotal struct{ end, quantity int64 }
 
 type aggEntry struct {
-	key limiter.CounterKey
-	d   delta
+	key   limiter.CounterKey
+	d     delta
+	total *durableTotal // the key's durable total before this batch
 }
 
-func (w *writer) init() {
+func (w *writer) init(sums map[limiter.CounterKey]*counter, now time.Time) {
 	w.agg = make(map[limiter.CounterKey]int)
+	w.totals = make(map[limiter.CounterKey]*durableTotal, len(sums))
+	for k, c := range sums {
+		if c.end > now.UnixNano() {
+			w.totals[k] = &durableTotal{end: c.end, quantity: c.quantity}
+		}
+	}
+	w.pruneAt = now.Add(time.Minute)
 }
 
 // newBatchLocked appends an empty batch to the queue. r.mu is held.
@@ -151,10 +168,22 @@ func (r *Recorder) commitOnce(us []limiter.Usage) error {
 			size += ckSize(&u.Key) + 8 + 3*binary.MaxVarintLen64
 		}
 		a := &w.aggs[j]
+		if a.total == nil {
+			if a.total = w.totals[u.Key]; a.total == nil {
+				a.total = &durableTotal{}
+				w.totals[u.Key] = a.total
+			}
+		}
 		a.d.end = max(a.d.end, u.End)
 		a.d.records++
+		over := u.Overage
+		if u.Limited {
+			// Overage is the part beyond the limit of the total in commit order.
+			after := a.total.quantity + a.d.quantity + u.Quantity
+			over = min(max(after-u.Limit, 0), u.Quantity)
+		}
 		a.d.quantity += u.Quantity
-		a.d.overage += u.Overage
+		a.d.overage += over
 	}
 	now := r.opts.Now()
 	seq := w.seq + 1
@@ -176,6 +205,17 @@ func (r *Recorder) commitOnce(us []limiter.Usage) error {
 		return fmt.Errorf("commit usage batch: %w", err)
 	}
 	w.seq = seq
+	for j := range w.aggs {
+		a := &w.aggs[j]
+		a.total.quantity += a.d.quantity
+		a.total.end = max(a.total.end, a.d.end)
+		a.total = nil
+	}
+	if now.After(w.pruneAt) {
+		n := now.UnixNano()
+		maps.DeleteFunc(w.totals, func(_ limiter.CounterKey, t *durableTotal) bool { return t.end <= n })
+		w.pruneAt = now.Add(time.Minute)
+	}
 	r.lastBatch.Store(seq)
 	r.st.records.Add(uint64(len(us)))
 	r.st.batches.Add(1)
