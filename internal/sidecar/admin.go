@@ -86,6 +86,10 @@ type UsageStats struct {
 	OutboxBatches int64  `json:"outbox_batches"` // batches in the outbox
 	PublishErrors uint64 `json:"publish_errors"` // failed publish attempts since start
 	AtBound       bool   `json:"at_bound"`       // the outbox reached usage.max_outbox_bytes and is folding
+	Records       uint64 `json:"records"`        // usage records made durable since start
+	Commits       uint64 `json:"commits"`        // group commits (Badger writes of the writer) since start
+	Published     uint64 `json:"published"`      // usage messages acknowledged by JetStream since start
+	Unsettled     int64  `json:"unsettled"`      // acknowledged messages not yet settled into the counters
 }
 
 // LeaseView is the fleet quota (sync/quota).
@@ -129,6 +133,10 @@ func (s *Sidecar) attach(p Parts) error {
 		gauge("gatehouse_usage_outbox_batches", "Batches of committed usage in the outbox.", func() float64 { return float64(st().OutboxBatches) })
 		gauge("gatehouse_usage_outbox_at_bound", "1 while the outbox is at usage.max_outbox_bytes and folds batches.", func() float64 { return boolFloat(st().AtBound) })
 		counter("gatehouse_usage_publish_errors_total", "Failed attempts to publish usage to JetStream.", func() float64 { return float64(st().PublishErrors) })
+		counter("gatehouse_usage_records_total", "Usage records made durable (one per metered feature of an admitted request).", func() float64 { return float64(st().Records) })
+		counter("gatehouse_usage_commits_total", "Group commits: Badger writes of the usage writer.", func() float64 { return float64(st().Commits) })
+		counter("gatehouse_usage_published_messages_total", "Usage messages acknowledged by JetStream.", func() float64 { return float64(st().Published) })
+		gauge("gatehouse_usage_unsettled_messages", "Acknowledged usage messages not yet settled into the durable counters.", func() float64 { return float64(st().Unsettled) })
 	}
 	if l := p.Leases; l != nil && l.Stats != nil {
 		st := l.Stats

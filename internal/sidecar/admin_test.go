@@ -505,14 +505,16 @@ func TestMetricsEndpoint(t *testing.T) {
 		"gatehouse_lease_held_quota": 150,
 	})
 	rep.stats.Store(&ReplicaStats{Revision: 8, Applied: 13, Rejected: 2, CaughtUp: true})
-	usage.Store(&UsageStats{PublishErrors: 3, AtBound: true})
+	usage.Store(&UsageStats{PublishErrors: 3, AtBound: true, Records: 900, Commits: 40, Published: 7, Unsettled: 1})
 	leases.Store(&LeaseStats{Refills: 6, HeldUnits: 20})
 	components(map[string]float64{
 		"gatehouse_replica_revision": 8, "gatehouse_replica_lag_revisions": 0, "gatehouse_replica_applied_total": 13,
 		"gatehouse_replica_rejected_snapshots_total": 2, "gatehouse_replica_caught_up": 1,
 		"gatehouse_replica_last_contact_timestamp_seconds": 0,
 		"gatehouse_usage_outbox_bytes":                     0, "gatehouse_usage_publish_errors_total": 3, "gatehouse_usage_outbox_at_bound": 1,
-		"gatehouse_lease_refills_total": 6, "gatehouse_lease_held_quota": 20, "gatehouse_leases_held": 0,
+		"gatehouse_usage_records_total": 900, "gatehouse_usage_commits_total": 40, "gatehouse_usage_published_messages_total": 7,
+		"gatehouse_usage_unsettled_messages": 1,
+		"gatehouse_lease_refills_total":      6, "gatehouse_lease_held_quota": 20, "gatehouse_leases_held": 0,
 	})
 }
 

@@ -418,7 +418,8 @@ func (s *Sidecar) parts() Parts {
 		p.Usage = &UsageView{Stats: func() UsageStats {
 			st := u.Stats()
 			return UsageStats{OutboxBytes: int64(st.OutboxBytes), OutboxBatches: int64(st.OutboxBatches),
-				PublishErrors: uint64(st.PublishErrors), AtBound: st.AtBound}
+				PublishErrors: st.PublishErrors, AtBound: st.AtBound, Records: st.Records, Commits: st.BadgerWrites,
+				Published: st.Published, Unsettled: st.Unsettled}
 		}}
 	}
 	return p
