@@ -11,19 +11,20 @@ import (
 )
 
 // TestSmoke runs the harness end to end at a tiny scale: steady with one pair and no
-// baselines but the bare proxy, exhaust, churn, a fleet of three sidecars, and an
-// outage. It checks that results.json parses, that exhaust admitted exactly the sum of
-// the limits, and that the new scenarios' checks of correctness pass: no refusal of
-// what stays entitled, every probed change enforced, never more than a limit in the
-// fleet, every request answered through the outage, and published usage == admitted
-// usage everywhere. It asserts nothing about speed.
+// baselines but the bare proxy, exhaust, churn, a fleet of three sidecars, an outage,
+// and usage accounting on against off. It checks that results.json parses, that exhaust
+// admitted exactly the sum of the limits, and that the new scenarios' checks of
+// correctness pass: no refusal of what stays entitled, every probed change enforced,
+// never more than a limit in the fleet, every request answered through the outage, the
+// usage-off sidecar accounting nothing, and published usage == admitted usage
+// everywhere. It asserts nothing about speed.
 func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the sidecar and runs processes; skipped with -short")
 	}
 	out := t.TempDir()
 	o, err := parseOptions([]string{
-		"-scenario", "steady,exhaust,churn,fleet,outage",
+		"-scenario", "steady,exhaust,churn,fleet,outage,usage",
 		"-duration", "1s", "-warmup", "200ms",
 		"-open-duration", "1s", "-open-warmup", "100ms", "-sweep-duration", "500ms",
 		"-rate", "500", "-rates", "1000",
@@ -31,7 +32,7 @@ func TestSmoke(t *testing.T) {
 		"-conns", "8", "-customers", "200", "-exhaust-customers", "20",
 		"-compare-duration", "1s", "-churn-rate", "40", "-churn-rounds", "1",
 		"-fleet", "3", "-fleet-customers", "100", "-fleet-rounds", "1",
-		"-outage", "1s", "-outage-rate", "300",
+		"-outage", "1s", "-outage-rate", "300", "-usage-rate", "1000",
 		"-max-redo", "0", "-quiet-wait", "0s", "-q",
 		"-out", out,
 	}, io.Discard)
@@ -91,6 +92,7 @@ func TestSmoke(t *testing.T) {
 			"every 429 has Retry-After", "sidecars' allow counters == admitted", "published usage == admitted usage"},
 		"outage": {"every request answered 2xx, NATS or not", "the sidecar saw NATS go", "the replica resumed after NATS returned",
 			"published usage == admitted usage"},
+		"usage": {"every response 2xx", "usage-off sidecar accounted nothing", "published usage == admitted usage"},
 	}
 	for name, checks := range mustPass {
 		s := byName[name]
@@ -123,6 +125,31 @@ func TestSmoke(t *testing.T) {
 	}
 	if o := byName["outage"]; o != nil && o.Outage != nil && len(o.Outage.Segments) != 3 {
 		t.Errorf("outage: %d segments, want before, during, after", len(o.Outage.Segments))
+	}
+	if u := byName["usage"]; u != nil && u.UsageCost != nil {
+		uc := u.UsageCost
+		if len(uc.Rounds) != 1 || len(uc.OpenPairs) != 1 || uc.ThroughputRatio.N != 1 || uc.P99Added.N != 1 {
+			t.Errorf("usage: %d rounds and %d open pairs (ratio n=%d, p99 n=%d), want 1 each",
+				len(uc.Rounds), len(uc.OpenPairs), uc.ThroughputRatio.N, uc.P99Added.N)
+		}
+		for _, tgt := range []string{targetOn, targetOff} {
+			if uc.ClosedSummary[tgt].Runs != 1 || uc.OpenSummary[tgt].Runs != 1 {
+				t.Errorf("usage: %s missing from the closed or open summary", tgt)
+			}
+		}
+		if len(uc.Accounting) != 3 {
+			t.Fatalf("usage: %d accounting figures, want closed loop, -rate and -usage-rate", len(uc.Accounting))
+		}
+		for _, f := range uc.Accounting {
+			if f.Runs != 1 || f.Admitted == 0 || len(f.Errors) > 0 {
+				t.Errorf("usage: accounting %s %.0f/s: %d runs, %d admitted, errors %v", f.Phase, f.Offered, f.Runs, f.Admitted, f.Errors)
+			}
+		}
+		if c := uc.Accounting[0]; c.Commits == nil || *c.Commits == 0 {
+			t.Errorf("usage: no group commits measured over the closed loop (%s)", c.CommitsFrom)
+		}
+	} else {
+		t.Errorf("usage: no usage_cost in the results: %+v", u)
 	}
 	for _, f := range []string{"latency.svg", "report.html", "report.txt"} {
 		if _, err := os.Stat(filepath.Join(out, f)); err != nil {

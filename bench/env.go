@@ -239,6 +239,12 @@ func (e *env) startSidecar(ctx context.Context, name string, snaps []snapshotDoc
 // embedded). With no snaps the sidecar has no entitlements file and takes what the
 // bucket holds.
 func (e *env) startSidecarWith(ctx context.Context, name string, snaps []snapshotDoc, natsURLs []string) (*proc, error) {
+	return e.launchSidecar(ctx, name, snaps, natsURLs, e.o.Usage)
+}
+
+// launchSidecar is startSidecarWith with usage accounting on or off regardless of
+// -usage (the usage scenario runs one of each).
+func (e *env) launchSidecar(ctx context.Context, name string, snaps []snapshotDoc, natsURLs []string, usage bool) (*proc, error) {
 	dir := filepath.Join(e.tmp, name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
@@ -265,7 +271,7 @@ func (e *env) startSidecarWith(ctx context.Context, name string, snaps []snapsho
 	cfgPath := filepath.Join(dir, "gatehouse.yaml")
 	cfg := sidecarConfig(sidecarSpec{
 		listen: addrs[0], admin: addrs[1], upstream: e.up.addr, dataDir: filepath.Join(dir, "data"), snapshots: snapPath,
-		natsListen: natsListen, natsURLs: natsURLs, usageOff: !e.o.Usage && e.caps[capUsage],
+		natsListen: natsListen, natsURLs: natsURLs, usageOff: !usage && e.caps[capUsage],
 	})
 	if e.o.SidecarExtra != "" {
 		cfg += "# -sidecar-extra\n" + e.o.SidecarExtra + "\n"
@@ -278,7 +284,7 @@ func (e *env) startSidecarWith(ctx context.Context, name string, snaps []snapsho
 	if err != nil {
 		return nil, err
 	}
-	p.admin, p.config, p.nats = addrs[1], cfgPath, natsListen
+	p.admin, p.config, p.nats, p.usageOff = addrs[1], cfgPath, natsListen, !usage
 	if err := waitHTTP(ctx, p, "http://"+p.admin+"/readyz", time.Minute); err != nil {
 		e.stopProc(p)
 		return nil, err
@@ -289,6 +295,9 @@ func (e *env) startSidecarWith(ctx context.Context, name string, snaps []snapsho
 	}
 	if len(natsURLs) > 0 {
 		how += ", NATS at " + strings.Join(natsURLs, ",")
+	}
+	if !usage {
+		how += ", usage accounting off"
 	}
 	e.logf("%s: ready in %s (%s)", name, time.Since(started).Round(10*time.Millisecond), how)
 	return p, nil

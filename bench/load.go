@@ -50,6 +50,10 @@ type runSpec struct {
 	// (by intended send time), each part with its own counts and latency: the outage
 	// scenario's before, during and after.
 	segments []time.Duration
+	// edge, when set, is called at both edges of the recorded phase: before the CPU
+	// sample at its start and after the one at its end, so that what it costs the
+	// target stays out of the target's CPU figure.
+	edge func()
 }
 
 // loadTarget is one address the workers connect to. admitted, when set, counts the 2xx
@@ -291,6 +295,18 @@ func runLoad(ctx context.Context, targets []loadTarget, wl *workload, spec runSp
 		ws[i] = w
 	}
 	defer closeAll(ws)
+	if spec.edge != nil {
+		sampleCPU, calls := cpu, 0 // cpu is called twice, one call after the other
+		cpu = func() sample {
+			if calls++; calls == 1 {
+				spec.edge()
+				return sampleCPU()
+			}
+			s := sampleCPU()
+			spec.edge()
+			return s
+		}
+	}
 	runtime.GC() // now rather than while measuring
 	var res *loadResult
 	if spec.open {

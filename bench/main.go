@@ -47,6 +47,7 @@ type options struct {
 	FleetRounds   int           `json:"fleet_rounds"`
 	Outage        time.Duration `json:"outage"`
 	OutageRate    float64       `json:"outage_rate"`
+	UsageRate     float64       `json:"usage_rate"`
 	MaxNoise      float64       `json:"max_noise"`
 	MaxRedo       int           `json:"max_redo"`
 	QuietWait     time.Duration `json:"quiet_wait"`
@@ -71,7 +72,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	o := &options{}
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	scen := fs.String("scenario", "all", "comma-separated scenarios: steady, exhaust, churn, fleet, outage, or all")
+	scen := fs.String("scenario", "all", "comma-separated scenarios: steady, exhaust, churn, fleet, outage, usage; all: every one but usage")
 	rates := fs.String("rates", "2000,10000", "open-loop rates for the latency-against-load chart, besides -rate (empty: none)")
 	fs.DurationVar(&o.Duration, "duration", 4*time.Second, "recorded time of each closed-loop run")
 	fs.DurationVar(&o.Warmup, "warmup", time.Second, "unrecorded warm-up before each closed-loop run")
@@ -92,6 +93,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.FleetRounds, "fleet-rounds", 2, "fleet: closed-loop (one sidecar, the fleet) rounds")
 	fs.DurationVar(&o.Outage, "outage", 5*time.Second, "outage: how long NATS stays down")
 	fs.Float64Var(&o.OutageRate, "outage-rate", 2000, "outage: open-loop rate (requests/s) while NATS goes away and comes back")
+	fs.Float64Var(&o.UsageRate, "usage-rate", 20000, "usage: the open-loop rate (requests/s) at which the usage-on sidecar's group commits and publishes are read besides the closed loop")
 	fs.Float64Var(&o.MaxNoise, "max-noise", 0.10, "redo a pair when another process or the hypervisor took more than this share of the machine")
 	fs.IntVar(&o.MaxRedo, "max-redo", 2, "redone pairs allowed per comparison")
 	fs.DurationVar(&o.Budget, "budget", 4*time.Minute+45*time.Second, "redos and waits for quiet stop when the run would take longer than this")
@@ -144,6 +146,8 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 		return nil, fmt.Errorf("-fleet must be >= 2, -fleet-rounds and -fleet-customers >= 1")
 	case o.Outage <= 0 || o.OutageRate <= 0:
 		return nil, fmt.Errorf("-outage and -outage-rate must be > 0")
+	case o.UsageRate <= 0:
+		return nil, fmt.Errorf("-usage-rate must be > 0")
 	}
 	return o, nil
 }

@@ -52,7 +52,10 @@ type runRecord struct {
 	TargetCPU  float64          `json:"target_cpu_us_per_request"`
 	GenCPU     float64          `json:"generator_cpu_us_per_request"`
 	Discarded  bool             `json:"discarded,omitempty"`
-	Note       string           `json:"note,omitempty"`
+	// Accounting is what the target's usage accounting did over the recorded phase
+	// (targets with proc.acct: the usage scenario).
+	Accounting *accounting `json:"usage_accounting,omitempty"`
+	Note       string      `json:"note,omitempty"`
 
 	hist *hdrhistogram.Histogram
 }
@@ -107,6 +110,16 @@ func (e *env) measure(ctx context.Context, label, phase string, round int, p *pr
 	if p.beside != nil {
 		stopBeside = p.beside(ctx)
 	}
+	var edges []accountingReading
+	if a := p.acct; a != nil {
+		spec.edge = func() {
+			if len(edges) == 0 {
+				edges = append(edges, a.begin(ctx))
+			} else {
+				edges = append(edges, a.end(ctx))
+			}
+		}
+	}
 	res, err := runLoad(ctx, targets, wl, spec, e.mon.sample)
 	var bu besideUse
 	if stopBeside != nil {
@@ -140,6 +153,9 @@ func (e *env) measure(ctx context.Context, label, phase string, round int, p *pr
 		r.Throughput = float64(answered) / r.Seconds
 	}
 	r.Latency = summarize(res.hist)
+	if len(edges) == 2 {
+		r.Accounting = accountingBetween(edges[0], edges[1])
+	}
 	r.CPU = usage(res.cpuBefore, res.cpuAfter, e.up.name, names...)
 	if bu.cpu > 0 && res.elapsed > 0 {
 		// Not noise: ours, though the monitor could not see it.

@@ -21,6 +21,10 @@ type proc struct {
 	// A sidecar's admin address, configuration file, and the client address of its
 	// embedded NATS server ("" when it connects to an external one).
 	admin, config, nats string
+	usageOff            bool // a sidecar run with usage: {enabled: false}
+	// acct, when set, is read at both edges of every recorded phase of a run of this
+	// target (the usage scenario's group commits and publishes).
+	acct *accountingReader
 	// A view (env.view) has no process of its own: it stands for group under its own
 	// name, loaded together (a fleet), and runs beside, when set, next to each measured
 	// run (churn's updates). Its other fields are unused.

@@ -29,6 +29,9 @@ func writeScenario(w io.Writer, s *scenarioResult) {
 	if s.Outage != nil {
 		writeOutage(w, s.Outage)
 	}
+	if s.UsageCost != nil {
+		writeUsageCost(w, s.UsageCost)
+	}
 }
 
 // writeRuns prints merged runs of targets in order: the closed-loop columns, or with

@@ -29,9 +29,9 @@ type planner interface {
 // warm-up and recorded time.
 const perRun = 150 * time.Millisecond
 
-// scenarios are all that the harness knows, in the default order.
+// scenarios are all that the harness knows, the default set (defaultScenarios) first.
 func scenarios() []scenario {
-	return []scenario{steadyScenario{}, exhaustScenario{}, churnScenario{}, fleetScenario{}, outageScenario{}}
+	return []scenario{steadyScenario{}, exhaustScenario{}, churnScenario{}, fleetScenario{}, outageScenario{}, usageCostScenario{}}
 }
 
 func lookupScenario(name string) (scenario, error) {
@@ -90,18 +90,19 @@ func capsSource(e *env) string {
 
 // scenarioResult is one scenario's part of results.json.
 type scenarioResult struct {
-	Name       string         `json:"name"`
-	About      string         `json:"about"`
-	Status     string         `json:"status"` // pass | fail | not_available | error
-	Reason     string         `json:"reason,omitempty"`
-	Seconds    float64        `json:"seconds"`
-	Checks     []check        `json:"checks"`
-	UsageCheck usageCheck     `json:"usage_check"`
-	Steady     *steadyResult  `json:"steady,omitempty"`
-	Exhaust    *exhaustResult `json:"exhaust,omitempty"`
-	Churn      *churnResult   `json:"churn,omitempty"`
-	Fleet      *fleetResult   `json:"fleet,omitempty"`
-	Outage     *outageResult  `json:"outage,omitempty"`
+	Name       string           `json:"name"`
+	About      string           `json:"about"`
+	Status     string           `json:"status"` // pass | fail | not_available | error
+	Reason     string           `json:"reason,omitempty"`
+	Seconds    float64          `json:"seconds"`
+	Checks     []check          `json:"checks"`
+	UsageCheck usageCheck       `json:"usage_check"`
+	Steady     *steadyResult    `json:"steady,omitempty"`
+	Exhaust    *exhaustResult   `json:"exhaust,omitempty"`
+	Churn      *churnResult     `json:"churn,omitempty"`
+	Fleet      *fleetResult     `json:"fleet,omitempty"`
+	Outage     *outageResult    `json:"outage,omitempty"`
+	UsageCost  *usageCostResult `json:"usage_cost,omitempty"`
 }
 
 // check is one pass/fail statement with the figures behind it.

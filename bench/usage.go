@@ -89,7 +89,7 @@ func (e *env) checkUsageOf(ctx context.Context, ps []*proc, wl *workload, transp
 	case !e.caps[capUsage]:
 		uc.Reason = "not available in this build: gatehouse serve publishes no usage (`gatehouse version` lists no capability usage-outbox, and check-config does not know usage.enabled)"
 		return uc
-	case !e.o.Usage:
+	case p.usageOff:
 		uc.Reason = "-usage=false: the sidecar ran with usage accounting off"
 		return uc
 	}
