@@ -30,13 +30,26 @@
 // MaxLease at its first request and refills once per 0.75·MaxLease requests, whatever
 // its rate. Near the limit a lease is never more than what is left divided by twice
 // the number of sidecars holding grants (or in the fleet roster, if more), down to 1
-// unit, and at least the request's cost: no sidecar sits on the last units while
-// another refuses. A refill starts ahead of need, off the request path, when the lease
-// falls below its low-water mark (LowWaterPercent of its size, and at least what the
-// recent rate uses in four refill times); a request waits only when its sidecar holds
-// too little, at most Options.Wait, and then the route's on_unavailable policy decides.
-// A sidecar's first lease of a key is taken on the request path: one compare-and-set
-// per (customer, feature, window) and sidecar.
+// unit, and at least the request's cost. A refill starts ahead of need, off the
+// request path, when the lease falls below its low-water mark (LowWaterPercent of its
+// size, and at least what the recent rate uses in four refill times), but never takes
+// the last 2·holders units: those go to requests that wait for them. A request waits
+// only when its sidecar holds too little, at most Options.Wait, and then the route's
+// on_unavailable policy decides. A sidecar's first lease of a key is taken on the
+// request path: one compare-and-set per (customer, feature, window) and sidecar.
+//
+// # Asking for unused quota
+//
+// No sidecar sits on the last units while another refuses (want.go). A refill that
+// finds too little left in the bucket while requests wait for it asks the other
+// holders of the key, on the core NATS subject gatehouse.quota.<bucket>.want, for
+// what they hold unused, and refills once more with what they give back. A holder
+// whose lease has gone unused for a few milliseconds returns all of it at once; a
+// holder still spending its lease keeps it (its traffic uses it) and says so. A return
+// made for an ask is announced on gatehouse.quota.<bucket>.freed, which lets every
+// sidecar that found the key exhausted refill again at its next request. An ask waits
+// at most a quarter of Options.Wait; an ask that found nothing is not repeated until
+// the key's value changes. Far from the limit nothing is asked.
 //
 // The maintenance loop walks every lease each tick without holding the Manager's lock
 // across the walk, so that the request path never waits behind it.
@@ -44,7 +57,8 @@
 // # Returns, restarts and cleanup
 //
 // Unused quota goes back when the sidecar closes, when its window ends, when a lease
-// sat idle for Options.IdleReturn, and when a snapshot lowers or removes the limit. A
+// sat idle for Options.IdleReturn, when another sidecar asks for it near the limit
+// and this one is not using it, and when a snapshot lowers or removes the limit. A
 // grant is saved under q/ after the bucket accepted it, and a return before the bucket
 // hears of it, so a restarted sidecar (same data directory, same id) spends at most its
 // saved grant less its restored usage even without NATS, and reconciles with its entry

@@ -32,12 +32,15 @@ type lease struct {
 	giving         bool                // a return is queued or under way
 	exhaustedUntil int64               // unix nanoseconds: the fleet had nothing left; do not ask again before
 	exhaustedLimit int64               // the limit under which it was exhausted
-	failedUntil    atomic.Int64        // unix nanoseconds: the last refill failed; do not ask again before
+	aheadUntil     atomic.Int64        // unix nanoseconds: no refill ahead of need before (the last one failed or found nothing)
 	retry          atomic.Bool         // the last return failed
+	refilling      atomic.Bool         // a refill's compare-and-set is under way (not its ask)
+	yielding       bool                // a yield job answers the asks of other sidecars (want.go)
+	askers         []string            // reply subjects of the asks that the yield job answers
 
-	// Owned by the maintenance loop once the lease is in Manager.list.
-	idleHeld  int64 // the counter's held usage at the last maintenance tick
-	idleSince time.Time
+	// Written by the maintenance loop once the lease is in Manager.list, read by yield.
+	idleHeld  atomic.Int64 // the counter's held usage when it last changed, as a tick saw it
+	idleSince atomic.Int64 // unix nanoseconds: the tick that saw it change
 
 	// mu serialises the lease's work with the bucket and guards what follows.
 	mu      sync.Mutex
@@ -51,16 +54,22 @@ type lease struct {
 	known   bool   // granted was restored or read from the bucket
 	value   *Value // the value last read or written, and its revision
 	valRev  uint64
-	size    int64   // the last lease granted
-	rate    float64 // recent use, units per second
-	rateAt  time.Time
-	rateUse int64
+	// quietRev is the key's revision at which an ask found no unused units on any
+	// other sidecar: asks wait for a newer revision (want.go).
+	quietRev uint64
+	size     int64   // the last lease granted
+	rate     float64 // recent use, units per second
+	rateAt   time.Time
+	rateUse  int64
 }
 
 // job is one refill; its waiters read res once done is closed.
 type job struct {
 	done chan struct{}
 	res  limiter.QuotaResult
+	// need is the most that a request waiting for the job needs, guarded by
+	// Manager.mu; 0 while none waits (a refill ahead of need).
+	need int64
 }
 
 // noteLimit records the limit that a request's snapshot gives, if it is the newest
@@ -72,38 +81,64 @@ func (l *lease) noteLimit(s *limiter.Snapshot, f *limiter.Feature) {
 	}
 }
 
-// refillLocked starts a refill of at least need units, or returns the one under way.
-// Manager.mu is held.
+// refillLocked starts a refill of at least need units (0: ahead of need), or returns
+// the one under way, which then covers need too. Manager.mu is held.
 func (m *Manager) refillLocked(l *lease, need int64) *job {
 	if j := l.job.Load(); j != nil {
+		j.need = max(j.need, need)
 		return j
 	}
-	j := &job{done: make(chan struct{})}
+	j := &job{done: make(chan struct{}), need: need}
 	if m.closed.Load() {
 		j.res = limiter.QuotaUnreachable
 		close(j.done)
 		return j
 	}
 	l.job.Store(j)
+	l.refilling.Store(true)
 	limit, rev := l.limit.Load(), l.rev
 	m.jobs.Add(1)
-	go func() {
-		defer m.jobs.Done()
-		res := m.refill(l, need, limit, rev)
-		now := m.now()
-		m.mu.Lock()
-		j.res = res
-		l.job.Store(nil)
-		switch res {
-		case limiter.QuotaExhausted:
-			l.exhaustedUntil, l.exhaustedLimit = now.Add(m.recheck).UnixNano(), limit
-		case limiter.QuotaUnreachable:
-			l.failedUntil.Store(now.Add(m.failBackoff).UnixNano())
-		}
-		m.mu.Unlock()
-		close(j.done)
-	}()
+	go m.runJob(l, j, need, limit, rev)
 	return j
+}
+
+// runJob runs a refill job. When the refill finds too little left and requests wait
+// for it, it asks the other holders for their unused units (want.go) before it
+// answers. A job that no request waits for does not ask, and does not make the
+// requests that come after it refuse without asking: it only delays the next refill
+// ahead of need, so that a sidecar whose traffic stopped does not take back, ahead of
+// need, what another gave for a request that waits.
+func (m *Manager) runJob(l *lease, j *job, need, limit int64, rev uint64) {
+	defer m.jobs.Done()
+	res := m.refill(l, need, limit, rev)
+	m.mu.Lock()
+	if waiting := j.need; res == limiter.QuotaExhausted && waiting > need {
+		// Requests joined a refill ahead of need, which leaves the last units to
+		// requests that wait: they do.
+		m.mu.Unlock()
+		res = m.refill(l, waiting, limit, rev)
+		m.mu.Lock()
+	}
+	l.refilling.Store(false)
+	if waiting := j.need; res == limiter.QuotaExhausted && waiting > 0 && limit > 0 && !m.closed.Load() {
+		m.mu.Unlock() // requests that join meanwhile wait for the ask too
+		res = m.askAfter(l, waiting, limit, rev)
+		m.mu.Lock()
+	}
+	now := m.now()
+	j.res = res
+	l.job.Store(nil)
+	switch res {
+	case limiter.QuotaExhausted:
+		l.aheadUntil.Store(now.Add(m.recheck).UnixNano())
+		if j.need > 0 {
+			l.exhaustedUntil, l.exhaustedLimit = now.Add(m.recheck).UnixNano(), limit
+		}
+	case limiter.QuotaUnreachable:
+		l.aheadUntil.Store(now.Add(m.failBackoff).UnixNano())
+	}
+	m.mu.Unlock()
+	close(j.done)
 }
 
 // giveBackLocked queues a return of everything the lease holds unused. Manager.mu is
@@ -120,7 +155,7 @@ func (m *Manager) giveBackLocked(l *lease) {
 		defer func() { <-m.sem }()
 		ctx, cancel := context.WithTimeout(m.ctx, m.opts.RequestTimeout)
 		defer cancel()
-		err := m.giveBack(ctx, l)
+		_, err := m.giveBack(ctx, l)
 		m.mu.Lock()
 		l.giving = false
 		l.retry.Store(err != nil) // the maintenance loop retries
@@ -147,9 +182,17 @@ func (m *Manager) refill(l *lease, need, limit int64, rev uint64) limiter.QuotaR
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, m.opts.RequestTimeout)
 	defer cancel()
-	n, err := m.update(ctx, l, limit, rev, func(v *Value, mine int64) int64 {
+	leftLast := false
+	n, err := m.update(ctx, l, limit, rev, true, func(v *Value, mine int64) int64 {
 		free := v.Limit - (v.Granted - v.Sidecars[m.id]) - mine
-		return m.size(l, free, max(v.holders(m.id), m.fleet.Load()), max(need, 1))
+		holders := max(v.holders(m.id), m.fleet.Load())
+		// The last units go to requests that wait for them, here or on another
+		// sidecar, not ahead of need to a sidecar whose traffic may have stopped.
+		leftLast = need == 0 && free > 0 && free < 2*holders
+		if need == 0 && free < 2*holders {
+			return 0
+		}
+		return m.size(l, free, holders, max(need, 1))
 	})
 	switch {
 	case err != nil:
@@ -164,36 +207,38 @@ func (m *Manager) refill(l *lease, need, limit int64, rev uint64) limiter.QuotaR
 	case l.c.Lease() >= max(need, 1):
 		return limiter.QuotaGranted // a reconciliation found quota that was ours
 	}
-	m.st.exhausted.Add(1)
+	if !leftLast {
+		m.st.exhausted.Add(1)
+	}
 	return limiter.QuotaExhausted
 }
 
 // giveBack returns every unused unit of the lease to the fleet, and writes a newer
-// limit that the bucket does not hold yet.
-func (m *Manager) giveBack(ctx context.Context, l *lease) error {
+// limit that the bucket does not hold yet. It reports the units returned.
+func (m *Manager) giveBack(ctx context.Context, l *lease) (int64, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if err := m.takeBack(l); err != nil {
-		return err
+		return 0, err
 	}
 	m.mu.Lock()
 	limit, rev := l.limit.Load(), l.rev
 	m.mu.Unlock()
 	if l.pending == 0 && (limit < 0 || l.value != nil && l.value.LimitRevision >= rev) {
-		return nil // nothing to return, and the bucket knows the limit
+		return 0, nil // nothing to return, and the bucket knows the limit
 	}
 	returning := l.pending
-	_, err := m.update(ctx, l, limit, rev, func(*Value, int64) int64 { return 0 })
+	_, err := m.update(ctx, l, limit, rev, false, func(*Value, int64) int64 { return 0 })
 	if err != nil {
 		m.st.refillErrors.Add(1)
 		m.log.Debug("lease return failed; it is retried", zap.String("key", l.kvKey), zap.Error(err))
-		return err
+		return 0, err
 	}
 	if returning > 0 {
 		m.st.returns.Add(1)
 		m.st.returned.Add(returning)
 	}
-	return nil
+	return returning, nil
 }
 
 // takeBack moves every unused unit of the lease from the counter to pending, recording
@@ -212,11 +257,14 @@ func (m *Manager) takeBack(l *lease) error {
 	return nil
 }
 
-// update reads the key (or trusts the value it last wrote), reconciles this sidecar's
-// grant with it, and writes back this sidecar's grant less what is pending return plus
-// what take decides to take, by compare-and-set, until it wins. It returns the units
-// taken and added to the counter's lease. l.mu is held.
-func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64, take func(v *Value, mine int64) int64) (int64, error) {
+// update reads the key (or trusts the value it last read or wrote), reconciles this
+// sidecar's grant with it, and writes back this sidecar's grant less what is pending
+// return plus what take decides to take, by compare-and-set, until it wins. It returns
+// the units taken and added to the counter's lease. A refill (refill true) trusts the
+// remembered value only for a write, which the compare-and-set checks: finding too
+// little left in it, it reads the key again, since other sidecars may have returned
+// quota meanwhile. l.mu is held.
+func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64, refill bool, take func(v *Value, mine int64) int64) (int64, error) {
 	b, err := m.openBucket(ctx)
 	if err != nil {
 		return 0, err
@@ -229,14 +277,18 @@ func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64,
 	start := m.now()
 	for range maxConflicts {
 		v, vrev := l.value, l.valRev
-		if v == nil {
+		fresh := v == nil
+		if fresh {
 			if v, vrev, err = m.read(ctx, b, l.kvKey); err != nil {
 				return 0, err
 			}
 			if v == nil {
 				v = newValue(l.key, l.end)
+			} else {
+				l.value, l.valRev = v, vrev // the bucket's, as read: what an ask consults
 			}
 			if err := m.reconcile(l, v); err != nil {
+				l.value = nil
 				return 0, err
 			}
 		}
@@ -247,6 +299,10 @@ func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64,
 		}
 		mine := l.granted - l.pending
 		n := max(take(v, mine), 0)
+		if n == 0 && refill && !fresh {
+			l.value = nil // too little left as last seen: see whether that is still so
+			continue
+		}
 		if n == 0 && l.pending == 0 && (!newLimit || v.Granted == 0) {
 			l.setLimit(v, limit)
 			return 0, nil // nothing to write

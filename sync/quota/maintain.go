@@ -73,8 +73,10 @@ func (m *Manager) Load(lim *limiter.Limiter, durable bool) error {
 	for _, e := range keep {
 		c := lim.Counter(e.key, e.s.end)
 		l := &lease{key: e.key, kvKey: e.kv, end: c.End, c: c, rev: e.s.rev,
-			granted: e.s.grant, spent: e.s.spent, known: true, idleSince: m.now(), idleHeld: c.Held()}
+			granted: e.s.grant, spent: e.s.spent, known: true}
 		l.limit.Store(e.s.limit)
+		l.idleHeld.Store(c.Held())
+		l.idleSince.Store(now)
 		var avail int64
 		if durable {
 			avail = max(e.s.grant-e.s.spent-c.Held(), 0)
@@ -118,12 +120,13 @@ func (m *Manager) maintain() {
 	n := now.UnixNano()
 	var forget, give []*lease
 	m.walkBuf = m.walk(m.walkBuf, func(l *lease) {
-		if l.job.Load() == nil && n >= l.failedUntil.Load() {
+		if l.job.Load() == nil && n >= l.aheadUntil.Load() {
 			l.c.RefillDone()
 		}
 		held := l.c.Held()
-		if held != l.idleHeld {
-			l.idleHeld, l.idleSince = held, now
+		if held != l.idleHeld.Load() {
+			l.idleHeld.Store(held)
+			l.idleSince.Store(n)
 		}
 		lease := l.c.Lease()
 		switch {
@@ -132,7 +135,7 @@ func (m *Manager) maintain() {
 		case n >= l.end && lease > 0,
 			l.retry.Load(),
 			l.limit.Load() < l.c.LeaseLimit() && lease > 0,
-			m.opts.IdleReturn > 0 && now.Sub(l.idleSince) >= m.opts.IdleReturn && lease > 0:
+			m.opts.IdleReturn > 0 && n-l.idleSince.Load() >= int64(m.opts.IdleReturn) && lease > 0:
 			give = append(give, l)
 		}
 	})

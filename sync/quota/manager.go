@@ -73,6 +73,8 @@ type Stats struct {
 	Returns      uint64        // returns of unused quota to the fleet since start
 	Returned     int64         // units returned since start
 	Exhausted    uint64        // refills that found nothing left for this sidecar
+	Asks         uint64        // asks to the other holders of a key for their unused quota (want.go)
+	Yields       uint64        // returns of unused quota to answer another sidecar's ask
 	Conflicts    uint64        // compare-and-set writes that lost to another sidecar's
 	RefillTime   time.Duration // how long a refill takes, a moving average
 	Leases       int64         // leases that hold quota now
@@ -108,10 +110,11 @@ type Manager struct {
 
 	ctx     context.Context // cancelled by Close, after the last return
 	cancel  context.CancelFunc
-	loops   sync.WaitGroup // the refill, maintenance and roster loops
-	jobs    sync.WaitGroup // refills and returns in flight
-	fleet   atomic.Int64   // sidecars in the roster, this one included; 0: not known yet
-	rtt     atomic.Int64   // how long a refill takes, nanoseconds, a moving average
+	loops   sync.WaitGroup     // the refill, maintenance and roster loops
+	jobs    sync.WaitGroup     // refills and returns in flight
+	fleet   atomic.Int64       // sidecars in the roster, this one included; 0: not known yet
+	wantSub *nats.Subscription // asks of other sidecars (want.go); nil: not subscribed
+	rtt     atomic.Int64       // how long a refill takes, nanoseconds, a moving average
 	started atomic.Bool
 	closed  atomic.Bool
 	once    sync.Once
@@ -120,12 +123,14 @@ type Manager struct {
 	// Tunables; tests shorten them.
 	tick        time.Duration // maintenance period
 	recheck     time.Duration // after finding the fleet exhausted, answer so without asking for this long
-	failBackoff time.Duration // after a failed refill, refills ahead of need wait this long
+	failBackoff time.Duration // after a failed refill, refills ahead of need wait this long (recheck after one that found nothing)
+	wantIdle    time.Duration // asked for unused quota, a lease unused this long is returned (want.go)
+	wantBusy    time.Duration // asked for unused quota, a lease still in use after this long is kept
 
 	st struct {
-		refills, refillErrors, returns, exhausted, conflicts atomic.Uint64
-		returned                                             atomic.Int64
-		waits                                                [len(WaitBuckets) + 1]atomic.Uint64
+		refills, refillErrors, returns, exhausted, conflicts, asks, yields atomic.Uint64
+		returned                                                           atomic.Int64
+		waits                                                              [len(WaitBuckets) + 1]atomic.Uint64
 	}
 }
 
@@ -188,6 +193,7 @@ func New(opts Options) (*Manager, error) {
 		refills: make(chan refillReq, 1024), stop: make(chan struct{}), sem: make(chan struct{}, 16),
 		ctx: ctx, cancel: cancel,
 		tick: 250 * time.Millisecond, recheck: 500 * time.Millisecond, failBackoff: 250 * time.Millisecond,
+		wantIdle: defaultWantIdle, wantBusy: defaultWantBusy,
 	}
 	return m, nil
 }
@@ -200,9 +206,10 @@ func setDefault[T int | int64 | string | time.Duration](p *T, d T) {
 }
 
 // Start announces this sidecar in the fleet roster (see roster.go), waiting at most
-// Options.RequestTimeout and never failing for it, then starts the refill loop, the
-// maintenance loop (idle returns, ended windows, retries) and the roster loop. The
-// manager owns them until Close.
+// Options.RequestTimeout and never failing for it, subscribes to the asks of other
+// sidecars for unused quota (want.go), then starts the refill loop, the maintenance
+// loop (idle returns, ended windows, retries) and the roster loop. The manager owns
+// them until Close.
 func (m *Manager) Start(ctx context.Context) {
 	if m.closed.Load() || !m.started.CompareAndSwap(false, true) {
 		return
@@ -214,6 +221,7 @@ func (m *Manager) Start(ctx context.Context) {
 		}
 		cancel()
 	}
+	m.subscribeWants()
 	m.loops.Add(3)
 	go m.refillLoop()
 	go m.maintainLoop()
@@ -231,7 +239,10 @@ func (m *Manager) Close(ctx context.Context) error {
 		m.mu.Unlock()
 		close(m.stop)
 		m.loops.Wait()
-		m.jobs.Wait()
+		m.jobs.Wait() // refills, returns and yields: none starts once closed is set
+		if m.wantSub != nil {
+			_ = m.wantSub.Unsubscribe()
+		}
 		m.returnAll(ctx)
 		m.cancel()
 	})
@@ -271,7 +282,7 @@ func (m *Manager) returnAll(ctx context.Context) {
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			if m.giveBack(ctx, l) != nil {
+			if _, err := m.giveBack(ctx, l); err != nil {
 				failed.Add(1)
 			}
 		}()
@@ -290,6 +301,7 @@ func (m *Manager) Stats() Stats {
 	s := Stats{
 		Refills: m.st.refills.Load(), RefillErrors: m.st.refillErrors.Load(), Returns: m.st.returns.Load(),
 		Returned: m.st.returned.Load(), Exhausted: m.st.exhausted.Load(), Conflicts: m.st.conflicts.Load(),
+		Asks: m.st.asks.Load(), Yields: m.st.yields.Load(),
 		RefillTime: time.Duration(m.rtt.Load()),
 	}
 	m.walk(nil, func(l *lease) {
@@ -405,7 +417,7 @@ func (m *Manager) refillLoop() {
 		l := m.leaseLocked(r.c)
 		l.noteLimit(r.s, r.f)
 		now := m.now().UnixNano()
-		if now >= l.exhaustedUntil && now >= l.failedUntil.Load() && m.connected() {
+		if now >= l.exhaustedUntil && now >= l.aheadUntil.Load() && m.connected() {
 			m.refillLocked(l, 0)
 		}
 		m.mu.Unlock()
@@ -455,8 +467,10 @@ func (m *Manager) leaseLocked(c *limiter.Counter) *lease {
 	if l := m.leases[c.Key]; l != nil && l.c == c {
 		return l
 	}
-	l := &lease{key: c.Key, kvKey: Key(c.Key), end: c.End, c: c, idleSince: m.now()}
+	l := &lease{key: c.Key, kvKey: Key(c.Key), end: c.End, c: c}
 	l.limit.Store(-1)
+	l.idleHeld.Store(c.Held())
+	l.idleSince.Store(m.now().UnixNano())
 	m.addLocked(l)
 	return l
 }
