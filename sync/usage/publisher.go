@@ -94,8 +94,10 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 			r.failWaiters(ErrClosed)
 			return
 		}
-		if wait != 0 && r.housekeep() {
-			wait = 0
+		if wait != 0 && r.housekeep() && (wait < 0 || wait > r.housePace) {
+			// More to do: after a pause, so that housekeeping spreads over the flush
+			// interval instead of taking a core in one burst after each publish.
+			wait = r.housePace
 		}
 		if r.crashed.Load() {
 			r.failWaiters(ErrClosed)

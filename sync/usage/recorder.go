@@ -80,8 +80,9 @@ type Recorder struct {
 	requestTimeout  time.Duration // one JetStream request
 	// Housekeeping steps are one small transaction each, so that no group commit waits
 	// long behind the publisher in Badger's write queue.
-	settleChunk int // deltas settled into the counters per transaction
-	sweepChunk  int // entries counted elsewhere deleted per transaction; 0: none (tests)
+	settleChunk int           // deltas settled into the counters per transaction
+	sweepChunk  int           // entries counted elsewhere deleted per transaction; 0: none (tests)
+	housePace   time.Duration // pause between housekeeping steps
 	hooks       hooks
 
 	mu    sync.Mutex        // protects queue, free and state
@@ -175,6 +176,7 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 		requestTimeout:  5 * time.Second,
 		settleChunk:     128,
 		sweepChunk:      256,
+		housePace:       time.Millisecond,
 		wake:            make(chan struct{}, 1),
 		flushCh:         make(chan *flushWaiter, 16),
 		kick:            make(chan struct{}, 1),
