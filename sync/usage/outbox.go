@@ -22,7 +22,7 @@ const maxCutBatches = 1 << 16
 // deltaJSONOverhead bounds the JSON bytes of one delta beyond its customer and feature.
 const deltaJSONOverhead = 160
 
-// load reads the outbox, the messages (pending and acknowledged but not yet folded into
+// load reads the outbox, the messages (pending and acknowledged but not yet settled into
 // the counters) and the publisher's marks.
 func (r *Recorder) load() error {
 	p := &r.p
@@ -57,7 +57,7 @@ func (r *Recorder) load() error {
 			}
 			switch {
 			case seq <= p.acked.seq && !mv.counted && seq >= p.settled.seq:
-				// Acknowledged; its deltas are still to be folded into the counters.
+				// Acknowledged; its deltas are still to be settled into the counters.
 				p.log = append(p.log, &logMsg{seq: seq, entries: mv.entries})
 			case seq <= p.acked.seq:
 				p.dead = append(p.dead, item.KeyCopy(nil)) // acknowledged and counted
@@ -273,8 +273,8 @@ func (r *Recorder) cut() error {
 
 	// The cut's transaction is small whatever the load: the message (one entry), the
 	// floor below which batches are in a message (their deletion follows in the
-	// background, see sweep) and the folded totals it took. The usage moves into the
-	// counters after the acknowledgement, in small steps (see foldLog).
+	// background, see sweepStep) and the folded totals it took. The usage moves into the
+	// counters after the acknowledgement, in small steps (see settleStep).
 	seq := p.acked.seq + 1
 	entries := set.es
 	sortEntries(entries)

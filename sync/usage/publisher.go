@@ -31,7 +31,7 @@ type publisher struct {
 	lastFold time.Time                      // last fold of the outbox
 	log      []*logMsg                      // acknowledged messages still to settle into the counters, oldest first
 	settled  settleMark                     // how far they are settled, as in u/s/settled
-	dead     [][]byte                       // keys of entries that are counted elsewhere, to delete (see sweep)
+	dead     [][]byte                       // keys of entries that are counted elsewhere, to delete (see sweepStep)
 	setIdx   map[limiter.CounterKey]int     // the cut's index, reused
 	houseErr time.Time                      // settling or sweeping failed: no retry before this
 
