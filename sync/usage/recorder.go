@@ -331,7 +331,8 @@ func (r *Recorder) signal() {
 
 // Restore calls l.Restore for every durable counter whose window has not ended, so that
 // a restarted sidecar does not hand out a hard limit again, and deletes counters of
-// windows that ended more than a day ago. Call it before serving.
+// windows that ended more than a day ago. Call it once, before serving: the values are
+// those New read.
 //
 // A counter's durable value is the sum of its parts in four places, each unit of usage
 // being in exactly one of them at every moment (see the package doc): its u/c/ entry
@@ -358,7 +359,7 @@ func (r *Recorder) Restore(l *limiter.Limiter) error {
 		return fmt.Errorf("usage: delete expired counters: %w", err)
 	}
 	r.log.Info("usage counters restored", zap.Int("restored", restored), zap.Int("expired_deleted", len(r.stale)))
-	r.stale = nil
+	r.sums, r.stale = nil, nil // read once at New; the writer keeps its own totals
 	return nil
 }
 
