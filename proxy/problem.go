@@ -3,8 +3,8 @@ package proxy
 import (
 	"strconv"
 	"time"
-	"unicode/utf8"
 
+	"github.com/gatehouse-dev/gatehouse/internal/jsonx"
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/valyala/fasthttp"
 )
@@ -62,21 +62,21 @@ func appendProblem(b []byte, d *limiter.Decision, customer []byte) []byte {
 	b = append(b, `{"type":"urn:gatehouse:problem:`...)
 	b = append(b, d.Reason.String()...)
 	b = append(b, `","title":`...)
-	b = appendJSONString(b, titles[d.Reason])
+	b = jsonx.AppendString(b, titles[d.Reason])
 	b = append(b, `,"status":`...)
 	b = strconv.AppendInt(b, int64(status), 10)
 	b = append(b, `,"detail":`...)
-	b = appendJSONString(b, details[d.Reason])
+	b = jsonx.AppendString(b, details[d.Reason])
 	b = append(b, `,"reason":"`...)
 	b = append(b, d.Reason.String()...)
 	b = append(b, '"')
 	if len(customer) > 0 {
 		b = append(b, `,"customer_id":`...)
-		b = appendJSONString(b, customer)
+		b = jsonx.AppendString(b, customer)
 	}
 	if d.Feature != "" {
 		b = append(b, `,"feature":`...)
-		b = appendJSONString(b, d.Feature)
+		b = jsonx.AppendString(b, d.Feature)
 	}
 	if d.Metered && !d.Unlimited {
 		b = append(b, `,"limit":`...)
@@ -90,36 +90,6 @@ func appendProblem(b []byte, d *limiter.Decision, customer []byte) []byte {
 		}
 	}
 	return append(b, '}')
-}
-
-// appendJSONString appends s as a JSON string, escaping what JSON requires and
-// replacing invalid UTF-8.
-func appendJSONString[T string | []byte](b []byte, s T) []byte {
-	const hex = "0123456789abcdef"
-	b = append(b, '"')
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c < utf8.RuneSelf {
-			switch {
-			case c == '"' || c == '\\':
-				b = append(b, '\\', c)
-			case c < ' ' || c == 0x7f:
-				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
-			default:
-				b = append(b, c)
-			}
-			i++
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(string(s[i:min(i+utf8.UTFMax, len(s))]))
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, `\ufffd`...)
-		} else {
-			b = append(b, s[i:i+size]...)
-		}
-		i += size
-	}
-	return append(b, '"')
 }
 
 // retryAfter is the whole seconds until resetAt, at least 1.

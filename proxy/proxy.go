@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/gatehouse-dev/gatehouse/config"
+	"github.com/gatehouse-dev/gatehouse/internal/jsonx"
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
@@ -234,7 +235,7 @@ func writeSimpleProblem(ctx *fasthttp.RequestCtx, status int, reason, title stri
 	ctx.SetContentType("application/problem+json")
 	b := append([]byte(`{"type":"urn:gatehouse:problem:`), reason...)
 	b = append(b, `","title":`...)
-	b = appendJSONString(b, title)
+	b = jsonx.AppendString(b, title)
 	b = append(b, `,"status":`...)
 	b = fmt.Appendf(b, "%d", status)
 	b = append(b, `,"reason":"`...)

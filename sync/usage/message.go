@@ -3,7 +3,8 @@ package usage
 import (
 	"strconv"
 	"time"
-	"unicode/utf8"
+
+	"github.com/gatehouse-dev/gatehouse/internal/jsonx"
 )
 
 // Stream is the JetStream stream that carries usage; SubjectPrefix + sidecar id is the
@@ -50,9 +51,9 @@ func (m *Message) ID() string { return MsgID(m.SidecarID, m.Epoch, m.Seq) }
 // interval, and encoding it is a large part of the publisher's work.
 func appendMessageJSON(b []byte, sidecarID, epoch string, seq uint64, from, to int64, es []batchEntry) []byte {
 	b = append(b, `{"sidecar_id":`...)
-	b = appendJSONString(b, sidecarID)
+	b = jsonx.AppendString(b, sidecarID)
 	b = append(b, `,"epoch":`...)
-	b = appendJSONString(b, epoch)
+	b = jsonx.AppendString(b, epoch)
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendUint(b, seq, 10)
 	b = append(b, `,"from":`...)
@@ -66,9 +67,9 @@ func appendMessageJSON(b []byte, sidecarID, epoch string, seq uint64, from, to i
 			b = append(b, ',')
 		}
 		b = append(b, `{"customer_id":`...)
-		b = appendJSONString(b, e.k.Customer)
+		b = jsonx.AppendString(b, e.k.Customer)
 		b = append(b, `,"feature":`...)
-		b = appendJSONString(b, e.k.Feature)
+		b = jsonx.AppendString(b, e.k.Feature)
 		b = append(b, `,"window_start":`...)
 		b = appendJSONTime(b, e.k.WindowStart)
 		b = append(b, `,"quantity":`...)
@@ -84,59 +85,5 @@ func appendMessageJSON(b []byte, sidecarID, epoch string, seq uint64, from, to i
 func appendJSONTime(b []byte, ns int64) []byte {
 	b = append(b, '"')
 	b = time.Unix(0, ns).UTC().AppendFormat(b, time.RFC3339Nano)
-	return append(b, '"')
-}
-
-// appendJSONString appends s quoted as encoding/json does: HTML-safe, invalid UTF-8 as
-// U+FFFD, U+2028 and U+2029 escaped.
-func appendJSONString(b []byte, s string) []byte {
-	const hex = "0123456789abcdef"
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		if c := s[i]; c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
-				i++
-				continue
-			}
-			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\b':
-				b = append(b, '\\', 'b')
-			case '\f':
-				b = append(b, '\\', 'f')
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, s[start:i]...)
-			b = append(b, `\ufffd`...)
-			i += size
-			start = i
-			continue
-		}
-		if r == '\u2028' || r == '\u2029' {
-			b = append(b, s[start:i]...)
-			b = append(b, '\\', 'u', '2', '0', '2', hex[r&0xf])
-			i += size
-			start = i
-			continue
-		}
-		i += size
-	}
-	b = append(b, s[start:]...)
 	return append(b, '"')
 }
