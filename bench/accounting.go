@@ -20,12 +20,12 @@ import (
 // counters, its usage stream, and its outbox, for the usage scenario (usagecost.go).
 // measure reads a target whose proc.acct is set at both edges of the recorded phase.
 
-// The counters a build may export for what accounting does; the first one present is
-// used. This build's are listed in results.json (usage_metrics_exported).
+// The counters gatehouse exports for what accounting does (internal/sidecar/admin.go);
+// builds from before they existed fall back to the outbox sampling and the stream.
 var (
-	commitMetrics    = []string{"gatehouse_usage_badger_writes_total", "gatehouse_usage_group_commits_total", "gatehouse_usage_batches_total", "gatehouse_usage_commits_total"}
+	commitMetrics    = []string{"gatehouse_usage_commits_total"}
 	recordMetrics    = []string{"gatehouse_usage_records_total"}
-	publishedMetrics = []string{"gatehouse_usage_published_total", "gatehouse_usage_published_messages_total", "gatehouse_usage_messages_published_total"}
+	publishedMetrics = []string{"gatehouse_usage_published_messages_total"}
 )
 
 // usageStream is the JetStream stream the sidecar publishes usage to.
