@@ -124,7 +124,7 @@ func TestOutboxPublishedAfterRestartDuringOutage(t *testing.T) {
 	send(a, exportsReq("cust_hard"), 4)
 	send(a, exportsReq("cust_soft"), 15) // 5 over the soft limit
 	send(a, chatReq("cust_soft", 4), 7)
-	if st := a.Usage.Stats(); st.OutboxBatches == 0 && st.PendingSeq == 0 {
+	if st := a.Usage.Stats(); st.OutboxRecords == 0 && st.PendingSeq == 0 {
 		t.Fatalf("outbox empty while NATS is down: %+v", st)
 	}
 	a.closeUnreachable(t, 2*time.Second) // the outbox cannot drain

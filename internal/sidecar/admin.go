@@ -83,11 +83,12 @@ type UsageView struct {
 // UsageStats describe the usage outbox.
 type UsageStats struct {
 	OutboxBytes   int64  `json:"outbox_bytes"`   // committed usage not yet acknowledged by JetStream
-	OutboxBatches int64  `json:"outbox_batches"` // batches in the outbox
+	OutboxRecords int64  `json:"outbox_records"` // usage log records (one per admitted request with usage) not yet in a message
+	LogFileBytes  int64  `json:"log_file_bytes"` // size of the usage log's segment files
 	PublishErrors uint64 `json:"publish_errors"` // failed publish attempts since start
 	AtBound       bool   `json:"at_bound"`       // the outbox reached usage.max_outbox_bytes and is folding
 	Records       uint64 `json:"records"`        // usage records made durable since start
-	Commits       uint64 `json:"commits"`        // group commits (Badger writes of the writer) since start
+	BadgerWrites  uint64 `json:"badger_writes"`  // Badger write transactions of the usage recorder since start
 	Published     uint64 `json:"published"`      // usage messages acknowledged by JetStream since start
 	Unsettled     int64  `json:"unsettled"`      // acknowledged messages not yet settled into the counters
 }
@@ -130,11 +131,12 @@ func (s *Sidecar) attach(p Parts) error {
 	if u := p.Usage; u != nil && u.Stats != nil {
 		st := u.Stats
 		gauge("gatehouse_usage_outbox_bytes", "Committed usage not yet acknowledged by JetStream, in bytes.", func() float64 { return float64(st().OutboxBytes) })
-		gauge("gatehouse_usage_outbox_batches", "Batches of committed usage in the outbox.", func() float64 { return float64(st().OutboxBatches) })
-		gauge("gatehouse_usage_outbox_at_bound", "1 while the outbox is at usage.max_outbox_bytes and folds batches.", func() float64 { return boolFloat(st().AtBound) })
+		gauge("gatehouse_usage_outbox_records", "Usage log records (one per admitted request with usage) not yet in a published message.", func() float64 { return float64(st().OutboxRecords) })
+		gauge("gatehouse_usage_log_file_bytes", "Size of the usage log's segment files on disk.", func() float64 { return float64(st().LogFileBytes) })
+		gauge("gatehouse_usage_outbox_at_bound", "1 while the outbox is at usage.max_outbox_bytes and folds the log into per-key totals.", func() float64 { return boolFloat(st().AtBound) })
 		counter("gatehouse_usage_publish_errors_total", "Failed attempts to publish usage to JetStream.", func() float64 { return float64(st().PublishErrors) })
 		counter("gatehouse_usage_records_total", "Usage records made durable (one per metered feature of an admitted request).", func() float64 { return float64(st().Records) })
-		counter("gatehouse_usage_commits_total", "Group commits: Badger writes of the usage writer.", func() float64 { return float64(st().Commits) })
+		counter("gatehouse_usage_badger_writes_total", "Badger write transactions of the usage recorder (message cuts, acknowledgements, settling into the counters); none per request.", func() float64 { return float64(st().BadgerWrites) })
 		counter("gatehouse_usage_published_messages_total", "Usage messages acknowledged by JetStream.", func() float64 { return float64(st().Published) })
 		gauge("gatehouse_usage_unsettled_messages", "Acknowledged usage messages not yet settled into the durable counters.", func() float64 { return float64(st().Unsettled) })
 	}

@@ -407,7 +407,7 @@ func TestStatus(t *testing.T) {
 	rep := &fakeReplica{}
 	rep.stats.Store(&ReplicaStats{Revision: 9, Applied: 12, CaughtUp: true})
 	err := a.attach(Parts{Replica: rep.view(),
-		Usage:  &UsageView{Stats: func() UsageStats { return UsageStats{OutboxBytes: 512, OutboxBatches: 2} }},
+		Usage:  &UsageView{Stats: func() UsageStats { return UsageStats{OutboxBytes: 512, OutboxRecords: 2} }},
 		Leases: &LeaseView{Stats: func() LeaseStats { return LeaseStats{Refills: 3, Leases: 1, HeldUnits: 50} }}})
 	if err != nil {
 		t.Fatal(err)
@@ -474,7 +474,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	rep.stats.Store(&ReplicaStats{Revision: 5, Lag: 2, Applied: 10, Rejected: 1, Staleness: 1500 * time.Millisecond,
 		LastContact: time.Unix(1_800_000_000, 0)})
 	var usage atomic.Pointer[UsageStats]
-	usage.Store(&UsageStats{OutboxBytes: 4096, OutboxBatches: 3, PublishErrors: 1})
+	usage.Store(&UsageStats{OutboxBytes: 4096, OutboxRecords: 3, LogFileBytes: 8 << 20, PublishErrors: 1})
 	var leases atomic.Pointer[LeaseStats]
 	leases.Store(&LeaseStats{Refills: 4, RefillErrors: 1, Leases: 2, HeldUnits: 150})
 	err := a.attach(Parts{Replica: rep.view(),
@@ -499,20 +499,20 @@ func TestMetricsEndpoint(t *testing.T) {
 		"gatehouse_replica_revision": 5, "gatehouse_replica_lag_revisions": 2, "gatehouse_replica_applied_total": 10,
 		"gatehouse_replica_rejected_snapshots_total": 1, "gatehouse_replica_staleness_seconds": 1.5,
 		"gatehouse_replica_last_contact_timestamp_seconds": 1.8e9, "gatehouse_replica_caught_up": 0,
-		"gatehouse_usage_outbox_bytes": 4096, "gatehouse_usage_outbox_batches": 3, "gatehouse_usage_publish_errors_total": 1,
+		"gatehouse_usage_outbox_bytes": 4096, "gatehouse_usage_outbox_records": 3, "gatehouse_usage_log_file_bytes": 8 << 20, "gatehouse_usage_publish_errors_total": 1,
 		"gatehouse_usage_outbox_at_bound": 0,
 		"gatehouse_lease_refills_total":   4, "gatehouse_lease_refill_errors_total": 1, "gatehouse_leases_held": 2,
 		"gatehouse_lease_held_quota": 150,
 	})
 	rep.stats.Store(&ReplicaStats{Revision: 8, Applied: 13, Rejected: 2, CaughtUp: true})
-	usage.Store(&UsageStats{PublishErrors: 3, AtBound: true, Records: 900, Commits: 40, Published: 7, Unsettled: 1})
+	usage.Store(&UsageStats{PublishErrors: 3, AtBound: true, Records: 900, BadgerWrites: 40, Published: 7, Unsettled: 1})
 	leases.Store(&LeaseStats{Refills: 6, HeldUnits: 20})
 	components(map[string]float64{
 		"gatehouse_replica_revision": 8, "gatehouse_replica_lag_revisions": 0, "gatehouse_replica_applied_total": 13,
 		"gatehouse_replica_rejected_snapshots_total": 2, "gatehouse_replica_caught_up": 1,
 		"gatehouse_replica_last_contact_timestamp_seconds": 0,
 		"gatehouse_usage_outbox_bytes":                     0, "gatehouse_usage_publish_errors_total": 3, "gatehouse_usage_outbox_at_bound": 1,
-		"gatehouse_usage_records_total": 900, "gatehouse_usage_commits_total": 40, "gatehouse_usage_published_messages_total": 7,
+		"gatehouse_usage_records_total": 900, "gatehouse_usage_badger_writes_total": 40, "gatehouse_usage_published_messages_total": 7,
 		"gatehouse_usage_unsettled_messages": 1,
 		"gatehouse_lease_refills_total":      6, "gatehouse_lease_held_quota": 20, "gatehouse_leases_held": 0,
 	})

@@ -417,8 +417,8 @@ func (s *Sidecar) parts() Parts {
 	if u := s.Usage; u != nil {
 		p.Usage = &UsageView{Stats: func() UsageStats {
 			st := u.Stats()
-			return UsageStats{OutboxBytes: int64(st.OutboxBytes), OutboxBatches: int64(st.OutboxBatches),
-				PublishErrors: st.PublishErrors, AtBound: st.AtBound, Records: st.Records, Commits: st.BadgerWrites,
+			return UsageStats{OutboxBytes: st.OutboxBytes, OutboxRecords: st.OutboxRecords, LogFileBytes: st.LogFileBytes,
+				PublishErrors: st.PublishErrors, AtBound: st.AtBound, Records: st.Records, BadgerWrites: st.BadgerWrites,
 				Published: st.Published, Unsettled: st.Unsettled}
 		}}
 	}

@@ -59,6 +59,7 @@ type Options struct {
 
 // Store is the process's Badger database and identity.
 type Store struct {
+	dir       string
 	db        *badger.DB
 	log       *zap.Logger
 	sidecarID string
@@ -97,7 +98,7 @@ func Open(opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", opts.Dir, err)
 	}
-	s := &Store{log: log, sidecarID: id, stop: make(chan struct{})}
+	s := &Store{dir: opts.Dir, log: log, sidecarID: id, stop: make(chan struct{})}
 
 	dir := filepath.Join(opts.Dir, badgerDir)
 	db, err := openBadger(dir, opts.MemoryBudget, log)
@@ -133,6 +134,10 @@ func Open(opts Options) (*Store, error) {
 	}
 	return s, nil
 }
+
+// Dir is the data directory. Callers that keep files beside the database (the usage
+// log) keep to their own subdirectory.
+func (s *Store) Dir() string { return s.dir }
 
 // DB is the Badger database. Callers keep to their key prefix.
 func (s *Store) DB() *badger.DB { return s.db }

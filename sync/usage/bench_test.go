@@ -14,9 +14,8 @@ import (
 )
 
 // BenchmarkRecord measures Record, from one caller and from many (as many as a busy
-// proxy has requests in flight), and how many Badger writes group commit needs per 1000
-// records. allocs/op includes the writer's per-batch allocations (Badger's transaction
-// among them), shared by the records of a batch.
+// proxy has requests in flight), and how many Badger writes the recorder makes per 1000
+// records (all of them the publisher's). allocs/op includes the publisher's.
 func BenchmarkRecord(b *testing.B) {
 	b.Run("serial", func(b *testing.B) {
 		e := newEnv(b)
@@ -64,18 +63,16 @@ func cpuTime() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// reportWrites reports Badger writes per 1000 records, records per group commit, and
-// the CPU time of the whole process (callers, writer, Badger) per record: ns/op of a
-// caller is mostly waiting for its group commit.
+// reportWrites reports Badger writes per 1000 records and the CPU time of the whole
+// process (callers, publisher, Badger) per record.
 func reportWrites(b *testing.B, r *Recorder, cpu0 time.Duration) {
 	s := r.Stats()
 	b.ReportMetric(float64(cpuTime()-cpu0)/float64(s.Records), "cpu-ns/rec")
 	b.ReportMetric(float64(s.BadgerWrites)*1000/float64(s.Records), "writes/1000rec")
-	b.ReportMetric(float64(s.Records)/float64(s.Batches), "rec/batch")
 }
 
 // BenchmarkDrainAfterOutage fills the outbox as 60 s of busy traffic would while NATS is
-// away (60,000 group commits, one per millisecond, from 64 concurrent requests over 1000
+// away (60,000 appends, one per millisecond, from 64 concurrent requests over 1000
 // customers), then measures how fast it is published once NATS is back. Run it with
 // -benchtime=1x.
 func BenchmarkDrainAfterOutage(b *testing.B) {
@@ -91,7 +88,7 @@ func BenchmarkDrainAfterOutage(b *testing.B) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				for r.Stats().Batches < batches {
+				for r.Stats().Appends < batches {
 					c := fmt.Sprintf("cust_%d", next.Add(1)%1000)
 					u := []limiter.Usage{use(c, "api_calls", -1, 1, 0), use(c, "tokens", g%2, 42, 0)}
 					if err := r.Record(u); err != nil {
@@ -118,8 +115,8 @@ func BenchmarkDrainAfterOutage(b *testing.B) {
 		b.ReportMetric(float64(s.PublishedRecords)/elapsed.Seconds(), "records/s")
 		b.ReportMetric(float64(s.Published), "msgs")
 		b.ReportMetric(float64(filled.OutboxBytes)/(1<<20), "outbox-MiB")
-		b.Logf("outbox of %d records in %d batches (%d bytes) published in %v as %d messages of %d deltas",
-			filled.Records, filled.Batches, filled.OutboxBytes, elapsed, s.Published, s.PublishedDeltas)
+		b.Logf("outbox of %d records in %d appends (%d bytes) published in %v as %d messages of %d deltas",
+			filled.Records, filled.Appends, filled.OutboxBytes, elapsed, s.Published, s.PublishedDeltas)
 		r.Close(context.Background())
 		b.StartTimer()
 	}

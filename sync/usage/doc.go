@@ -1,49 +1,55 @@
 // Package usage carries admitted usage out of the sidecar (DESIGN.md section 7): it makes
-// each request's committed usage durable in Badger before the response goes back, keeps
-// the usage counters per (customer, feature, window) that survive restarts, and publishes
-// the usage to JetStream stream GATEHOUSE_USAGE so that every admitted unit is billed
-// exactly once, across crashes, restarts and NATS outages of any length.
+// each request's usage durable before the response goes back, keeps the usage counters
+// per (customer, feature, window) that survive restarts, and publishes the usage to
+// JetStream stream GATEHOUSE_USAGE so that every admitted unit is billed exactly once,
+// across crashes, restarts and NATS outages of any length.
 //
-// It owns the keys under "u/" of the process's one Badger database (sync/store), the
-// stream's creation, and the publisher's sequence state. It must not decide admission
-// (that is the limiter's), must not open its own database, must not drop usage to save
-// space, and must never make a network call on the request path: Record waits only for
-// a local group commit.
+// It owns the usage log (<data dir>/usage-log-<epoch>/, see journal.go), the keys under
+// "u/" of the process's one Badger database (sync/store), the stream's creation, and the
+// publisher's sequence state. It must not decide admission (that is the limiter's), must
+// not open its own database, must not drop usage to save space, and must never make a
+// network call on the request path: Record copies the usage into the mapped log.
 //
-// # Key layout under u/
+// # Where usage is
 //
-//	u/o/b/<bseq>  outbox batch: the usage of one group commit, summed per key; bseq is
-//	              a big-endian u64
-//	u/o/k/<ck>    outbox total: batches folded into one entry per key when the outbox
-//	              reached its size bound
+// Record appends one record to the log: a copy of a few dozen bytes into a memory-mapped
+// segment file under a short lock, durable against a crash of the process when Record
+// returns, with no Badger write, no system call and no other goroutine involved. The
+// publisher reads the log from its floor and moves it into messages; everything else is
+// in Badger:
+//
 //	u/p/<mseq>    message mseq: its deltas in binary, with their windows' ends; the one
 //	              above the acknowledged sequence is pending (at most one), the others
 //	              are acknowledged and not yet settled into the counters
+//	u/o/k/<ck>    outbox total: the log folded into one entry per key when the outbox
+//	              reached its size bound
 //	u/c/<ck>      counter: settled usage of one (customer, feature, window);
 //	              end:i64 | quantity:i64 | overage:i64
 //	u/s/ack       the last acknowledged message: mseq:u64 | stream sequence:u64
-//	u/s/floor     batches below this bseq are in messages (their deletion may lag)
+//	u/s/logfloor  log records below this position are in messages or folded totals
+//	              (the segments wholly below it are deleted, after a sync)
 //	u/s/settled   mseq:u64 | index:u64: messages below mseq are settled into the
 //	              counters, and so are the first index deltas of message mseq
 //
 // where <ck> is uvarint(len(customer)) customer uvarint(len(feature)) feature
-// windowStart:u64.
+// windowStart:u64. (u/o/b/ and u/s/floor are an earlier version's batches, moved into
+// outbox totals once at start; see migrateBatches.)
 //
-// A group commit writes one entry (its batch), whatever the number of keys it touches,
-// and starts as soon as the writer is free: batches grow with the load. Each unit of
-// usage is, at every moment, in exactly one of a batch at or above the floor, a folded
-// total, a message at or past the settle mark, and a counter: the cut writes a message
-// and raises the floor in one transaction; each settle step adds some of an
-// acknowledged message's deltas to the counters and moves the mark past them in one
-// transaction. So a counter's durable value, which Restore gives the limiter, is the sum
-// of its parts in those four places. Every transaction of the publisher is small (the
-// cut writes three entries or so, a settle step 128 counters, a sweep of published
-// batches 256 deletions), so that a group commit never waits long behind it in
-// Badger's write queue.
+// Each unit of usage is, at every moment, in exactly one of a log record at or above the
+// floor, a folded total, a message at or past the settle mark, and a counter: the cut
+// writes a message and raises the floor in one transaction; a fold writes totals and
+// raises the floor in one; each settle step adds some of an acknowledged message's
+// deltas to the counters and moves the mark past them in one. So a counter's durable
+// value, which Restore gives the limiter, is the sum of its parts in those four places.
+// Every transaction is the publisher's, and small (the cut writes three entries or so,
+// a settle step 128 counters).
+//
+// Overage of a limited feature is computed as records leave the log, from the key's
+// durable total in log order, which is the order in which usage became durable.
 //
 // # Exactly once
 //
-// The publisher moves the outbox entries it is about to send into one pending record,
+// The publisher moves the outbox content it is about to send into one pending record,
 // with its message sequence, in one Badger transaction; from then on the message's id
 // (<sidecar_id>:<epoch>:<mseq>) and bytes never change (the JSON is a function of the
 // record, see appendMessageJSON). It publishes with Nats-Msg-Id and with the expected

@@ -48,7 +48,7 @@ func TestOutageLongerThanDuplicateWindow(t *testing.T) {
 	arm.Store(true)
 	<-down
 	time.Sleep(2500 * time.Millisecond) // 2.5 duplicate windows, usage still flowing
-	if s := r.Stats(); s.PendingSeq == 0 || s.OutboxBatches == 0 || s.PublishErrors == 0 {
+	if s := r.Stats(); s.PendingSeq == 0 || s.OutboxRecords == 0 || s.PublishErrors == 0 {
 		t.Fatalf("during the outage: %+v", s)
 	}
 	e.nats.Restart()
@@ -113,7 +113,7 @@ func TestRestartPublishesOutboxOnce(t *testing.T) {
 			if err := r.Close(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if s := r.Stats(); s.OutboxBatches == 0 && s.PendingSeq == 0 {
+			if s := r.Stats(); s.OutboxRecords == 0 && s.PendingSeq == 0 {
 				t.Fatalf("outbox empty after a close without NATS: %+v", s)
 			}
 			e.nats.Restart()
@@ -318,12 +318,12 @@ func TestOutboxBound(t *testing.T) {
 	}
 	eventually(t, "the outbox folded under its bound", func() bool { return r.Stats().OutboxBytes < bound })
 	s := r.Stats()
-	// Unfolded, the outbox would hold one entry per group commit (at least 40 bytes
-	// each, megabytes here). Folded, it overshoots the bound by what the group commits
-	// write while one fold runs: a constant, not a share of the bound (it is large
-	// against this tiny bound, and this loop commits far more often than a proxy does).
+	// Unfolded, the outbox would hold one log record per Record (at least 40 bytes
+	// each, megabytes here). Folded, it overshoots the bound by what is appended while
+	// one fold runs: a constant, not a share of the bound (it is large against this tiny
+	// bound, and this loop appends far faster than a proxy does).
 	const slack = 1 << 20
-	if unfolded := int64(s.Batches) * 40; maxBytes > bound+slack || maxBytes*4 > unfolded {
+	if unfolded := int64(s.Appends) * 40; maxBytes > bound+slack || maxBytes*4 > unfolded {
 		t.Fatalf("outbox reached %d bytes with a bound of %d (unfolded at least %d)", maxBytes, bound, unfolded)
 	}
 	if !s.AtBound || s.OutboxKeys == 0 || s.OutboxKeys > 21 {
@@ -332,8 +332,8 @@ func TestOutboxBound(t *testing.T) {
 	if ok, detail := r.Readiness(); !ok || !strings.Contains(detail, "bound") {
 		t.Fatalf("readiness %v %q", ok, detail)
 	}
-	t.Logf("at the bound: records %d in %d batches, compactions %d, outbox at most %d bytes, now %d bytes in %d keys",
-		s.Records, s.Batches, s.Compactions, maxBytes, s.OutboxBytes, s.OutboxKeys)
+	t.Logf("at the bound: records %d in %d appends, compactions %d, outbox at most %d bytes, now %d bytes in %d keys",
+		s.Records, s.Appends, s.Compactions, maxBytes, s.OutboxBytes, s.OutboxKeys)
 
 	e.nats.Restart()
 	record(t, r, want, 10)

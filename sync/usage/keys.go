@@ -15,8 +15,9 @@ const (
 	prefixTotal   = "u/o/k/"
 	prefixPending = "u/p/"
 	keyAck        = "u/s/ack"
-	keyFloor      = "u/s/floor"
+	keyLogFloor   = "u/s/logfloor"
 	keySettled    = "u/s/settled"
+	keyFloor      = "u/s/floor" // of the batches of an earlier version (see migrateBatches)
 )
 
 var errCorrupt = errors.New("usage: corrupt record")
@@ -155,6 +156,9 @@ func (a *delta) add(b *delta) {
 	a.quantity += b.quantity
 	a.overage += b.overage
 }
+
+// Batches (u/o/b/<seq>) are how an earlier version kept committed usage in Badger; they
+// are read once, by migrateBatches.
 
 // batchKey is u/o/b/<seq>.
 func batchKey(b []byte, seq uint64) []byte {

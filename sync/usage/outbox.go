@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -15,15 +16,15 @@ import (
 	"go.uber.org/zap"
 )
 
-// maxCutBatches bounds the batches one message takes, so that one cut takes bounded
+// maxCutRecords bounds the log records one message takes, so that one cut takes bounded
 // time after a long outage.
-const maxCutBatches = 1 << 16
+const maxCutRecords = 1 << 18
 
 // deltaJSONOverhead bounds the JSON bytes of one delta beyond its customer and feature.
 const deltaJSONOverhead = 160
 
-// load reads the outbox, the messages (pending and acknowledged but not yet settled into
-// the counters) and the publisher's marks.
+// load reads the folded totals, the messages (pending and acknowledged but not yet
+// settled into the counters) and the publisher's marks; the log is read after it.
 func (r *Recorder) load() error {
 	p := &r.p
 	p.totals = make(map[limiter.CounterKey]*delta)
@@ -32,7 +33,7 @@ func (r *Recorder) load() error {
 		if err := getValue(txn, keyAck, func(v []byte) (err error) { p.acked, err = decodeAck(v); return err }); err != nil {
 			return err
 		}
-		if err := getValue(txn, keyFloor, func(v []byte) (err error) { p.batchFloor, err = decodeU64(v); return err }); err != nil {
+		if err := getValue(txn, keyLogFloor, func(v []byte) (err error) { p.logFloor, err = decodeU64(v); return err }); err != nil {
 			return err
 		}
 		if err := getValue(txn, keySettled, func(v []byte) (err error) { p.settled, err = decodeSettleMark(v); return err }); err != nil {
@@ -40,8 +41,7 @@ func (r *Recorder) load() error {
 		}
 		r.st.ackedSeq.Store(p.acked.seq)
 
-		var bytes, batches int64
-		var maxSeq uint64
+		var bytes int64
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte("u/")})
 		defer it.Close()
 		for it.Seek([]byte(prefixPending)); it.ValidForPrefix([]byte(prefixPending)); it.Next() {
@@ -88,27 +88,14 @@ func (r *Recorder) load() error {
 			p.totals[k] = &d
 			bytes += int64(len(item.Key())) + item.ValueSize()
 		}
-		for it.Seek([]byte(prefixBatch)); it.ValidForPrefix([]byte(prefixBatch)); it.Next() {
-			item := it.Item()
-			seq := batchSeq(item.Key())
-			maxSeq = max(maxSeq, seq)
-			if seq < p.batchFloor {
-				p.dead = append(p.dead, item.KeyCopy(nil)) // in a message already
-				continue
-			}
-			bytes += int64(len(item.Key())) + item.ValueSize()
-			batches++
+		if len(p.totals) > 0 {
+			p.foldedThrough = p.logFloor // Flush waits for the folded totals too
 		}
-		maxSeq = max(maxSeq, p.batchFloor-min(p.batchFloor, 1))
-		if batches == 0 && len(p.totals) > 0 {
-			// Let the folded totals count as one more batch, so that Flush waits for them.
-			maxSeq++
-			p.foldedThrough = maxSeq
+		p.ackedCovers = p.logFloor
+		if len(p.totals) > 0 || p.pending != nil {
+			p.ackedCovers = 0
 		}
-		r.w.seq = maxSeq
-		r.lastBatch.Store(maxSeq)
 		r.st.outboxBytes.Store(bytes)
-		r.st.outboxBatches.Store(batches)
 		r.st.outboxKeys.Store(int64(len(p.totals)))
 		r.st.unsettled.Store(int64(len(p.log)))
 		if p.pending != nil {
@@ -181,42 +168,129 @@ func (r *Recorder) shrinkOps(err error, ops int) {
 type deltaSet struct {
 	idx     map[limiter.CounterKey]int // key -> position in es
 	es      []batchEntry
+	logged  []int64 // per entry of es: its quantity from the log (not yet in p.durable)
 	bytes   int
 	records int64
 }
 
-func (s *deltaSet) add(k limiter.CounterKey, d *delta) {
+func (s *deltaSet) entry(k limiter.CounterKey) int {
 	i, ok := s.idx[k]
 	if !ok {
 		i = len(s.es)
 		s.idx[k] = i
 		s.es = append(s.es, batchEntry{k: k})
+		s.logged = append(s.logged, 0)
 		s.bytes += len(k.Customer) + len(k.Feature) + deltaJSONOverhead
 	}
-	s.es[i].d.add(d)
+	return i
+}
+
+func (s *deltaSet) add(k limiter.CounterKey, d *delta) {
+	s.es[s.entry(k)].d.add(d)
 	s.records += d.records
 }
 
-// cut moves outbox content into a new pending message, in one transaction: first the
-// folded totals, then batches oldest first, as much as one message carries.
-func (r *Recorder) cut() error {
+// addLogged adds one usage of a log record. The overage of a limited feature is the part
+// beyond the limit of the key's durable total in log order: what is outside the log
+// (p.durable), plus what this set took from the log before it.
+func (r *Recorder) addLogged(s *deltaSet, at int64, e *logEntry) {
+	i := s.entry(e.k)
+	d := delta{end: e.end, from: at, to: at, records: 1, quantity: e.quantity, overage: e.x}
+	if e.limited {
+		var before int64
+		if t := r.p.durable[e.k]; t != nil {
+			before = t.quantity
+		}
+		after := before + s.logged[i] + e.quantity
+		d.overage = min(max(after-e.x, 0), e.quantity)
+	}
+	s.logged[i] += e.quantity
+	s.es[i].d.add(&d)
+	s.records++
+}
+
+// settleLogged adds what the set took from the log to p.durable, once the transaction
+// that moved it out of the log committed.
+func (r *Recorder) settleLogged(s *deltaSet) {
 	p := &r.p
-	wmark := r.lastBatch.Load() // every batch up to here is visible to the view below
-	budget, maxOps := r.budgets()
+	for i := range s.es {
+		if s.logged[i] == 0 && s.es[i].d.records == 0 {
+			continue
+		}
+		k := s.es[i].k
+		t := p.durable[k]
+		if t == nil {
+			t = &durableTotal{}
+			p.durable[k] = t
+		}
+		t.quantity += s.logged[i]
+		t.end = max(t.end, s.es[i].d.end)
+	}
+	if now := r.opts.Now(); now.After(p.pruneDurableAt) {
+		n := now.UnixNano()
+		maps.DeleteFunc(p.durable, func(_ limiter.CounterKey, t *durableTotal) bool { return t.end <= n })
+		p.pruneDurableAt = now.Add(time.Minute)
+	}
+}
+
+// durableTotal is a key's durable quantity outside the log.
+type durableTotal struct{ end, quantity int64 }
+
+// readLog adds to s the log records from p.logFloor up to end, until full says the set
+// is full; it returns the position after the last record taken and whether records were
+// left behind.
+func (r *Recorder) readLog(s *deltaSet, end uint64, full func() bool, maxRecords int) (pos uint64, taken int, more bool, err error) {
+	pos = r.p.logFloor
+	add := func(at int64, e *logEntry) { r.addLogged(s, at, e) }
+	for pos < end {
+		if full() || taken >= maxRecords {
+			return pos, taken, true, nil
+		}
+		payload, after, err := r.j.next(pos, end)
+		if err != nil {
+			return pos, taken, false, err
+		}
+		if payload == nil {
+			return after, taken, false, nil
+		}
+		if err := decodeRecord(payload, &r.p.intern, add); err != nil {
+			return pos, taken, false, fmt.Errorf("usage log record at %d: %w", pos, err)
+		}
+		pos = after
+		taken++
+	}
+	return pos, taken, false, nil
+}
+
+func (r *Recorder) newSet() deltaSet {
+	p := &r.p
 	if p.setIdx == nil {
 		p.setIdx = make(map[limiter.CounterKey]int)
 	}
 	clear(p.setIdx)
-	set := deltaSet{idx: p.setIdx}
-	// Each folded total taken costs a deletion in the cut's transaction; batches cost
-	// nothing there (the floor covers them), but one cut reads at most maxCutBatches.
-	full := func(ops int) bool { return len(set.es) > 0 && (set.bytes >= budget || ops >= maxOps) }
+	return deltaSet{idx: p.setIdx}
+}
 
+// cut moves outbox content into a new pending message, in one transaction: first the
+// folded totals, then log records oldest first, as much as one message carries. The
+// transaction is small whatever the load: the message (one entry), the floor below which
+// the log is in messages (its segments are deleted in the background, see sweepStep) and
+// the folded totals it took. The usage moves into the counters after the
+// acknowledgement, in small steps (see settleStep).
+func (r *Recorder) cut() error {
+	p := &r.p
+	wmark := r.j.end.Load() // every record below it is complete
+	budget, maxOps := r.budgets()
+	set := r.newSet()
+	// Each folded total taken costs a deletion in the cut's transaction; log records
+	// cost nothing there (the floor covers them), but one cut reads at most
+	// maxCutRecords.
 	ops := 1
+	full := func() bool { return len(set.es) > 0 && (set.bytes >= budget || ops >= maxOps) }
 	var takenTotals []limiter.CounterKey
 	var totalBytes int64
 	for k, d := range p.totals {
-		if full(ops) {
+		if full() {
 			break
 		}
 		set.add(k, d)
@@ -226,57 +300,31 @@ func (r *Recorder) cut() error {
 	}
 	allTotals := len(takenTotals) == len(p.totals)
 	more := !allTotals
-	var takenBatches [][]byte
-	var batchBytes int64
-	var maxSeq uint64
+	floor, taken := p.logFloor, 0
 	if allTotals {
-		var entries []batchEntry
-		err := r.db.View(func(txn *badger.Txn) error {
-			it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(prefixBatch), PrefetchValues: true, PrefetchSize: 64})
-			defer it.Close()
-			// Seek past the batches taken before: their tombstones would cost a step each.
-			for it.Seek(batchKey(nil, p.batchFloor)); it.Valid(); it.Next() {
-				if full(ops) || len(takenBatches) >= maxCutBatches {
-					more = true
-					return nil
-				}
-				item := it.Item()
-				var err error
-				if entries, err = readBatch(item, entries[:0]); err != nil {
-					return fmt.Errorf("outbox batch %d: %w", batchSeq(item.Key()), err)
-				}
-				for i := range entries {
-					set.add(entries[i].k, &entries[i].d)
-				}
-				takenBatches = append(takenBatches, item.KeyCopy(nil))
-				batchBytes += int64(len(item.Key())) + item.ValueSize()
-				maxSeq = batchSeq(item.Key())
-			}
-			return nil
-		})
-		if err != nil {
+		var err error
+		if floor, taken, more, err = r.readLog(&set, wmark, full, maxCutRecords); err != nil {
 			return fmt.Errorf("cut outbox: %w", err)
 		}
 	}
 	p.backlog = more
 	covers := p.ackedCovers
 	if allTotals {
-		covers = max(covers, p.foldedThrough, maxSeq)
+		covers = max(covers, p.foldedThrough, floor)
 		if !more {
 			covers = max(covers, wmark)
 		}
 	}
 	if len(set.es) == 0 {
-		p.ackedCovers = covers // nothing to publish: everything up to covers is acknowledged
+		p.ackedCovers = covers // nothing to publish: everything below covers is acknowledged
 		return nil
 	}
 
-	// The cut's transaction is small whatever the load: the message (one entry), the
-	// floor below which batches are in a message (their deletion follows in the
-	// background, see sweepStep) and the folded totals it took. The usage moves into the
-	// counters after the acknowledgement, in small steps (see settleStep).
 	seq := p.acked.seq + 1
 	entries := set.es
+	if taken > 0 {
+		r.settleLogged(&set) // before sorting: set.logged follows set.es
+	}
 	sortEntries(entries)
 	from, to := entries[0].d.from, entries[0].d.to
 	for i := range entries {
@@ -284,12 +332,12 @@ func (r *Recorder) cut() error {
 	}
 	key, val := pendingKey(seq), appendMessageValue(make([]byte, 0, 64+len(entries)*40), set.records, from, to, entries)
 	data := appendMessageJSON(make([]byte, 0, set.bytes+256), r.sidecarID, r.epoch, seq, from, to, entries)
-	err := r.db.Update(func(txn *badger.Txn) error {
+	err := r.update(func(txn *badger.Txn) error {
 		if err := txn.Set(key, val); err != nil {
 			return err
 		}
-		if maxSeq > 0 {
-			if err := txn.Set([]byte(keyFloor), encodeU64(maxSeq+1)); err != nil {
+		if floor != p.logFloor {
+			if err := txn.Set([]byte(keyLogFloor), encodeU64(floor)); err != nil {
 				return err
 			}
 		}
@@ -301,29 +349,50 @@ func (r *Recorder) cut() error {
 		return nil
 	})
 	if err != nil {
+		if taken > 0 {
+			r.unsettleLogged(&set)
+		}
 		r.shrinkOps(err, maxOps)
 		return fmt.Errorf("cut outbox into message %d: %w", seq, err)
 	}
 	for _, k := range takenTotals {
 		delete(p.totals, k)
 	}
-	if maxSeq > 0 {
-		p.batchFloor = maxSeq + 1
-	}
-	p.dead = append(p.dead, takenBatches...)
+	r.setLogFloor(floor, taken)
 	size := int64(len(key) + len(val))
 	p.pending = &pending{seq: seq, id: MsgID(r.sidecarID, r.epoch, seq), data: data, size: size, records: set.records,
 		deltas: len(entries), covers: covers, entries: entries}
 	r.st.pendingSeq.Store(seq)
 	r.st.outboxKeys.Add(-int64(len(takenTotals)))
-	r.st.outboxBatches.Add(-int64(len(takenBatches)))
-	r.st.outboxBytes.Add(size - batchBytes - totalBytes)
+	r.st.outboxBytes.Add(size - totalBytes)
 	if ce := r.log.Check(zap.DebugLevel, "usage message cut"); ce != nil {
 		ce.Write(zap.String("msg_id", p.pending.id), zap.Int("deltas", len(entries)), zap.Int64("records", set.records),
-			zap.Int("batches", len(takenBatches)), zap.Int("totals", len(takenTotals)),
+			zap.Int("log_records", taken), zap.Int("totals", len(takenTotals)),
 			zap.Time("from", time.Unix(0, from)), zap.Time("to", time.Unix(0, to)))
 	}
 	return nil
+}
+
+// unsettleLogged takes back what settleLogged added, after the transaction failed.
+func (r *Recorder) unsettleLogged(s *deltaSet) {
+	for i := range s.es {
+		if t := r.p.durable[s.es[i].k]; t != nil {
+			t.quantity -= s.logged[i]
+		}
+	}
+}
+
+// setLogFloor records that the log below floor is out of it, taken records having left.
+func (r *Recorder) setLogFloor(floor uint64, taken int) {
+	r.p.logFloor = floor
+	r.logFloor.Store(floor)
+	r.st.recordsOut.Add(uint64(taken))
+}
+
+// update runs fn in a Badger write transaction, counted in Stats.BadgerWrites.
+func (r *Recorder) update(fn func(txn *badger.Txn) error) error {
+	r.st.badgerWrites.Add(1)
+	return r.db.Update(fn)
 }
 
 // loadCounters reads into p.counters the durable counters of the keys of es that it
@@ -373,31 +442,24 @@ type batchEntry struct {
 	d delta
 }
 
-func readBatch(item *badger.Item, out []batchEntry) ([]batchEntry, error) {
-	err := item.Value(func(v []byte) error {
-		return decodeBatch(v, func(k limiter.CounterKey, d delta) { out = append(out, batchEntry{k, d}) })
-	})
-	return out, err
-}
-
 func totalSize(k *limiter.CounterKey) int64 { return int64(len(prefixTotal) + ckSize(k) + 48) }
 
-// maybeFold applies the outbox bound: once the outbox holds MaxOutboxBytes, its batches
-// are folded into one total per (customer, feature, window), so that its size follows
-// the number of distinct keys rather than the number of requests. Usage is never dropped.
+// maybeFold applies the outbox bound: once the outbox holds MaxOutboxBytes, the log is
+// folded into one total per (customer, feature, window), so that its size follows the
+// number of distinct keys rather than the number of requests. Usage is never dropped.
 func (r *Recorder) maybeFold() {
-	bytes := r.st.outboxBytes.Load()
-	if bytes < r.opts.MaxOutboxBytes || r.st.outboxBatches.Load() == 0 {
+	bytes := r.outboxBytes()
+	if bytes < r.opts.MaxOutboxBytes || r.j.end.Load() == r.logFloor.Load() {
 		return
 	}
 	// Folding is paced while the outbox is near its bound, not once it is well past it
-	// (group commits can outpace the pace).
+	// (appends can outpace the pace).
 	if bytes < 2*r.opts.MaxOutboxBytes && time.Since(r.p.lastFold) < min(r.opts.FlushInterval, 250*time.Millisecond) {
 		return
 	}
 	r.p.lastFold = time.Now()
 	if !r.st.atBound.Swap(true) {
-		r.log.Warn("usage outbox reached its bound: folding batches into per-key totals; admission and counting go on, nothing is dropped",
+		r.log.Warn("usage outbox reached its bound: folding the log into per-key totals; admission and counting go on, nothing is dropped",
 			zap.Int64("outbox_bytes", bytes), zap.Int64("max_outbox_bytes", r.opts.MaxOutboxBytes))
 	}
 	folded, err := r.fold()
@@ -407,91 +469,65 @@ func (r *Recorder) maybeFold() {
 		return
 	}
 	r.st.compactions.Add(1)
-	after := r.st.outboxBytes.Load()
-	r.log.Info("usage outbox folded", zap.Int("batches", folded), zap.Int("keys", len(r.p.totals)),
+	after := r.outboxBytes()
+	r.log.Info("usage outbox folded", zap.Int("log_records", folded), zap.Int("keys", len(r.p.totals)),
 		zap.Int64("bytes_before", bytes), zap.Int64("bytes_after", after))
 	if after >= r.opts.MaxOutboxBytes {
 		r.log.Warn("usage outbox is over its bound even folded (too many distinct customer, feature and window keys); admission and counting go on",
 			zap.Int64("outbox_bytes", after), zap.Int("keys", len(r.p.totals)))
 	}
+	if err := r.sweepLog(); err != nil {
+		r.houseFailed("deleting folded usage log segments", err)
+	}
 }
 
-// fold folds every batch into the totals, in transactions that each delete some batches
-// and write the totals they change.
+// fold folds the log into the totals, in transactions that each write the totals they
+// change and raise the floor past the records they read.
 func (r *Recorder) fold() (int, error) {
 	p := &r.p
 	_, maxOps := r.budgets()
 	folded := 0
-	var entries []batchEntry
 	for {
-		changed := make(map[limiter.CounterKey]*delta)
-		var keys [][]byte
-		var bytes int64
-		var maxSeq uint64
-		more := false
-		err := r.db.View(func(txn *badger.Txn) error {
-			it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(prefixBatch), PrefetchValues: true, PrefetchSize: 64})
-			defer it.Close()
-			for it.Seek(batchKey(nil, p.batchFloor)); it.Valid(); it.Next() {
-				if len(keys)+len(changed) >= maxOps {
-					more = true
-					return nil
-				}
-				item := it.Item()
-				var err error
-				if entries, err = readBatch(item, entries[:0]); err != nil {
-					return fmt.Errorf("outbox batch %d: %w", batchSeq(item.Key()), err)
-				}
-				for i := range entries {
-					e := &entries[i]
-					d := changed[e.k]
-					if d == nil {
-						d = &delta{}
-						if old := p.totals[e.k]; old != nil {
-							*d = *old
-						}
-						changed[e.k] = d
-					}
-					d.add(&e.d)
-				}
-				keys = append(keys, item.KeyCopy(nil))
-				bytes += int64(len(item.Key())) + item.ValueSize()
-				maxSeq = batchSeq(item.Key())
-			}
-			return nil
-		})
-		if err != nil || len(keys) == 0 {
+		end := r.j.end.Load()
+		set := r.newSet()
+		full := func() bool { return len(set.es) >= maxOps-1 }
+		floor, taken, more, err := r.readLog(&set, end, full, maxCutRecords)
+		if err != nil || taken == 0 {
 			return folded, err
 		}
-		err = r.db.Update(func(txn *badger.Txn) error {
-			for _, k := range keys {
-				if err := txn.Delete(k); err != nil {
+		changed := make([]delta, len(set.es))
+		for i := range set.es {
+			changed[i] = set.es[i].d
+			if old := p.totals[set.es[i].k]; old != nil {
+				changed[i].add(old)
+			}
+		}
+		r.settleLogged(&set)
+		err = r.update(func(txn *badger.Txn) error {
+			for i := range set.es {
+				if err := txn.Set(appendCK([]byte(prefixTotal), &set.es[i].k), appendTotal(nil, &changed[i])); err != nil {
 					return err
 				}
 			}
-			for k, d := range changed {
-				if err := txn.Set(appendCK([]byte(prefixTotal), &k), appendTotal(nil, d)); err != nil {
-					return err
-				}
-			}
-			return nil
+			return txn.Set([]byte(keyLogFloor), encodeU64(floor))
 		})
 		if err != nil {
+			r.unsettleLogged(&set)
 			r.shrinkOps(err, maxOps)
 			return folded, fmt.Errorf("fold outbox: %w", err)
 		}
-		for k, d := range changed {
+		for i := range set.es {
+			k := set.es[i].k
 			if p.totals[k] == nil {
 				r.st.outboxKeys.Add(1)
-				bytes -= totalSize(&k)
+				r.st.outboxBytes.Add(totalSize(&k))
 			}
-			p.totals[k] = d
+			d := changed[i]
+			p.totals[k] = &d
 		}
-		p.foldedThrough = max(p.foldedThrough, maxSeq)
-		p.batchFloor = maxSeq + 1
-		r.st.outboxBatches.Add(-int64(len(keys)))
-		r.st.outboxBytes.Add(-bytes)
-		folded += len(keys)
+		p.foldedThrough = max(p.foldedThrough, floor)
+		r.setLogFloor(floor, taken)
+		folded += taken
 		if !more {
 			return folded, nil
 		}

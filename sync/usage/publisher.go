@@ -35,10 +35,17 @@ type publisher struct {
 	setIdx   map[limiter.CounterKey]int     // the cut's index, reused
 	houseErr time.Time                      // settling or sweeping failed: no retry before this
 
-	// Coverage, for Flush: every batch with a sequence up to ackedCovers is published.
+	// Overage of limited features is computed as records leave the log, from durable
+	// totals in log order: durable holds every key's durable quantity outside the log
+	// (counters, messages, folded totals). intern shares the names decoded from the log.
+	durable        map[limiter.CounterKey]*durableTotal
+	pruneDurableAt time.Time
+	intern         interner
+
+	// Coverage, for Flush: every log record below ackedCovers is published.
 	ackedCovers   uint64
-	foldedThrough uint64 // highest batch sequence folded into totals
-	batchFloor    uint64 // batches below this sequence are in messages (u/s/floor) or folded
+	foldedThrough uint64 // log records below this are folded into totals or in messages
+	logFloor      uint64 // log records below this are in messages or folded (u/s/logfloor)
 	opsLimit      int    // when > 0, fewer entries per transaction (Badger refused more)
 }
 
@@ -50,7 +57,7 @@ type pending struct {
 	size    int64  // key and value bytes in Badger
 	records int64
 	deltas  int
-	covers  uint64       // batches up to this sequence are published once it is acknowledged
+	covers  uint64       // log records below this position are published once it is acknowledged
 	entries []batchEntry // the deltas, in message order, to settle into the counters
 	counted bool         // written by an earlier version: the deltas are counted already
 }
@@ -62,7 +69,7 @@ type logMsg struct {
 }
 
 type flushWaiter struct {
-	mark uint64 // batches up to this sequence must be published
+	mark uint64 // log records below this position must be published
 	ctx  context.Context
 	done chan error
 }
@@ -87,7 +94,15 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	due := false // a flush interval passed since the last cut
+	var prepareLogged time.Time
 	for {
+		if err := r.j.prepare(); err != nil && time.Since(prepareLogged) > 30*time.Second {
+			// Appends create the segment themselves when it is not ready, and fail
+			// (with this error) if they cannot.
+			prepareLogged = time.Now()
+			r.st.setError(err)
+			r.log.Warn("usage log: cannot make the next segment ready", zap.Error(err))
+		}
 		r.maybeFold()
 		wait := r.step(ctx, &due)
 		if ctx.Err() != nil || r.crashed.Load() {
@@ -275,7 +290,7 @@ func (r *Recorder) acknowledge(streamSeq uint64) error {
 		return errCrashed
 	}
 	next := ackState{seq: p.seq, streamSeq: streamSeq}
-	err := r.db.Update(func(txn *badger.Txn) error {
+	err := r.update(func(txn *badger.Txn) error {
 		if err := txn.Set([]byte(keyAck), next.encode()); err != nil {
 			return err
 		}
@@ -302,7 +317,8 @@ func (r *Recorder) acknowledge(streamSeq uint64) error {
 	r.st.publishedRecords.Add(uint64(p.records))
 	r.st.lastPublish.Store(r.opts.Now().UnixNano())
 	r.st.setConflict("")
-	if bytes := r.st.outboxBytes.Add(-p.size); r.st.atBound.Load() && bytes < r.opts.MaxOutboxBytes/2 {
+	r.st.outboxBytes.Add(-p.size)
+	if bytes := r.outboxBytes(); r.st.atBound.Load() && bytes < r.opts.MaxOutboxBytes/2 {
 		r.st.atBound.Store(false)
 		r.log.Info("usage outbox back under half its bound", zap.Int64("outbox_bytes", bytes))
 	}
@@ -372,7 +388,7 @@ func (r *Recorder) rebaseline(streamSeq uint64, why string) error {
 
 func (r *Recorder) setStreamSeq(streamSeq uint64) error {
 	next := ackState{seq: r.p.acked.seq, streamSeq: streamSeq}
-	if err := r.db.Update(func(txn *badger.Txn) error { return txn.Set([]byte(keyAck), next.encode()) }); err != nil {
+	if err := r.update(func(txn *badger.Txn) error { return txn.Set([]byte(keyAck), next.encode()) }); err != nil {
 		return fmt.Errorf("record stream sequence: %w", err)
 	}
 	r.p.acked = next

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,7 +21,6 @@ import (
 // Defaults of Options.
 const (
 	DefaultFlushInterval  = time.Second
-	DefaultCommitInterval = 0
 	DefaultStreamReplicas = 1
 	DefaultMaxOutboxBytes = 256 << 20
 )
@@ -45,17 +45,13 @@ type Options struct {
 	Log *zap.Logger
 	// FlushInterval is how often committed usage is published as one message; default 1s.
 	FlushInterval time.Duration
-	// CommitInterval is how long the first Record of a batch waits for company when
-	// the writer is idle; default 0: the commit starts at once, and the Records that
-	// arrive while it is in flight form the next batch, so batches grow with the load.
-	// A commit always starts as soon as the previous one is done.
-	CommitInterval time.Duration
 	// StreamReplicas is the replication of the stream when the recorder creates it;
 	// default 1. An existing stream is used as it is.
 	StreamReplicas int
 	// MaxOutboxBytes bounds the outbox during an outage; default 256 MiB. At the bound
-	// the outbox is folded into one entry per (customer, feature, window); admission and
-	// counting go on and no usage is dropped (see Stats.AtBound).
+	// the log is folded into one entry per (customer, feature, window); admission and
+	// counting go on and no usage is dropped (see Stats.AtBound). The log's segment
+	// files take up to one segment (8 MiB) more on disk, and one is kept ready.
 	MaxOutboxBytes int64
 	// Now is the clock for message times and window expiry; default time.Now.
 	Now func() time.Time
@@ -73,40 +69,34 @@ type Recorder struct {
 	subject   string
 
 	// Tuning, set by New; tests shorten them.
-	maxBatchUsages  int           // usage records in one group commit, at most
 	minBackoff      time.Duration // first wait after a failed publish
 	maxBackoff      time.Duration // longest wait between publish attempts
 	conflictBackoff time.Duration // wait after a conflict on the subject
 	requestTimeout  time.Duration // one JetStream request
-	// Housekeeping steps are one small transaction each, so that no group commit waits
-	// long behind the publisher in Badger's write queue.
+	// Housekeeping steps are one small transaction each, so that they spread over the
+	// flush interval.
 	settleChunk int           // deltas settled into the counters per transaction
 	sweepChunk  int           // entries counted elsewhere deleted per transaction; 0: none (tests)
 	housePace   time.Duration // pause between housekeeping steps
 	hooks       hooks
 
-	mu    sync.Mutex        // protects queue, free and state
-	queue []*batch          // batches waiting for the writer, oldest first; only the last takes appends
-	free  [][]limiter.Usage // buffers of written batches, for reuse
-	state int               // stateNew, stateRunning, stateClosed
-	wake  chan struct{}     // capacity 1: the queue or the state changed
-
-	w writer // owned by the writer goroutine
+	j        *journal      // the log of committed usage; j.mu also protects state
+	state    int           // stateNew, stateRunning, stateClosed
+	logFloor atomic.Uint64 // log positions below this are in messages or folded totals
+	failing  atomic.Bool   // the last append failed; read by Readiness
 
 	sums  map[limiter.CounterKey]*counter // durable counters at New, for Restore
 	stale [][]byte                        // settled counters of long-ended windows, deleted by Restore
 	p     publisher                       // owned by the publisher goroutine
 
-	lastBatch atomic.Uint64 // highest committed batch sequence
-	flushCh   chan *flushWaiter
-	kick      chan struct{} // capacity 1: the publisher should look at the outbox now
-	crashed   atomic.Bool   // a test hook stopped the publisher as a crash would
+	flushCh chan *flushWaiter
+	kick    chan struct{} // capacity 1: the publisher should look at the outbox now
+	crashed atomic.Bool   // a test hook stopped the publisher as a crash would
 
-	writerDone chan struct{}
-	pubDone    chan struct{}
-	pubCancel  context.CancelFunc
-	closeOnce  sync.Once
-	closeErr   error
+	pubDone   chan struct{}
+	pubCancel context.CancelFunc
+	closeOnce sync.Once
+	closeErr  error
 
 	st stats
 }
@@ -137,10 +127,15 @@ func New(opts Options) (*Recorder, error) {
 	if opts.Store == nil {
 		return nil, errors.New("usage: no store")
 	}
-	return newRecorder(opts.Store.DB(), opts.Store.SidecarID(), opts.Store.Epoch(), opts)
+	return newRecorder(opts.Store.DB(), opts.Store.Dir(), opts.Store.SidecarID(), opts.Store.Epoch(), opts)
 }
 
-func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorder, error) {
+// logDirPrefix names the log's directory in the data directory: usage-log-<epoch>, so
+// that a rebuilt database (a new epoch, whose floor starts at 0) never reads the log
+// of the one it replaced.
+const logDirPrefix = "usage-log-"
+
+func newRecorder(db *badger.DB, dataDir, sidecarID, epoch string, opts Options) (*Recorder, error) {
 	if opts.JS == nil {
 		return nil, errors.New("usage: no JetStream")
 	}
@@ -152,9 +147,6 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 	}
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = DefaultFlushInterval
-	}
-	if opts.CommitInterval < 0 {
-		opts.CommitInterval = DefaultCommitInterval
 	}
 	if opts.StreamReplicas <= 0 {
 		opts.StreamReplicas = DefaultStreamReplicas
@@ -168,8 +160,6 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 	r := &Recorder{
 		opts: opts, db: db, js: opts.JS, log: opts.Log.Named("usage"),
 		sidecarID: sidecarID, epoch: epoch, subject: Subject(sidecarID),
-		// One batch must fit one message: 1024 deltas of long names stay under 1 MB.
-		maxBatchUsages:  1024,
 		minBackoff:      100 * time.Millisecond,
 		maxBackoff:      5 * time.Second,
 		conflictBackoff: 30 * time.Second,
@@ -177,11 +167,12 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 		settleChunk:     128,
 		sweepChunk:      256,
 		housePace:       time.Millisecond,
-		wake:            make(chan struct{}, 1),
 		flushCh:         make(chan *flushWaiter, 16),
 		kick:            make(chan struct{}, 1),
-		writerDone:      make(chan struct{}),
 		pubDone:         make(chan struct{}),
+	}
+	if err := r.migrateBatches(); err != nil {
+		return nil, fmt.Errorf("usage: move the outbox batches of an earlier version into totals: %w", err)
 	}
 	if err := r.load(); err != nil {
 		return nil, fmt.Errorf("usage: load outbox: %w", err)
@@ -190,12 +181,51 @@ func newRecorder(db *badger.DB, sidecarID, epoch string, opts Options) (*Recorde
 	if err != nil {
 		return nil, err
 	}
+	// Overage is computed as records leave the log, from the durable totals before
+	// them: everything but the log.
+	now := opts.Now().UnixNano()
+	r.p.durable = make(map[limiter.CounterKey]*durableTotal, len(sums))
+	for k, c := range sums {
+		if c.end > now {
+			r.p.durable[k] = &durableTotal{end: c.end, quantity: c.quantity}
+		}
+	}
+	r.p.pruneDurableAt = opts.Now().Add(time.Minute)
+	logDir := filepath.Join(dataDir, logDirPrefix+epoch)
+	r.j, err = openJournal(logDir, r.p.logFloor, r.log, func(_ uint64, payload []byte) error {
+		return decodeRecord(payload, &r.p.intern, func(_ int64, e *logEntry) {
+			c := sums[e.k]
+			if c == nil {
+				c = &counter{}
+				sums[e.k] = c
+			}
+			c.end = max(c.end, e.end)
+			c.quantity += e.quantity
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.logFloor.Store(r.p.logFloor)
 	r.sums, r.stale = sums, stale
-	r.w.init(sums, opts.Now())
+	r.reportOtherLogs(dataDir, logDir)
 	return r, nil
 }
 
-// Start starts the group-commit writer and the publisher. The publisher makes sure the
+// reportOtherLogs logs the usage logs of earlier databases of this data directory: a
+// database rebuilt after it could not be opened starts a new epoch and a new log, and
+// the old log's unpublished usage (if any) is left for an operator, never deleted.
+func (r *Recorder) reportOtherLogs(dataDir, logDir string) {
+	others, _ := filepath.Glob(filepath.Join(dataDir, logDirPrefix+"*"))
+	for _, o := range others {
+		if o != logDir {
+			r.log.Error("usage log of an earlier database of this data directory left in place; its unpublished usage is not counted",
+				zap.String("dir", o))
+		}
+	}
+}
+
+// Start starts the publisher, and lets Record append. The publisher makes sure the
 // stream exists before it publishes, retrying in the background while NATS is away, so
 // Start does not wait for NATS. ctx only aborts the start itself: the goroutines run
 // until Close.
@@ -203,8 +233,8 @@ func (r *Recorder) Start(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	r.j.mu.Lock()
+	defer r.j.mu.Unlock()
 	switch r.state {
 	case stateRunning:
 		return errors.New("usage: started twice")
@@ -215,62 +245,78 @@ func (r *Recorder) Start(ctx context.Context) error {
 	pctx, cancel := context.WithCancel(context.Background())
 	r.pubCancel = cancel
 	r.log.Info("usage recorder started", zap.String("subject", r.subject), zap.String("epoch", r.epoch),
-		zap.Int64("outbox_bytes", r.st.outboxBytes.Load()), zap.Int64("outbox_batches", r.st.outboxBatches.Load()),
+		zap.Int64("outbox_bytes", r.outboxBytes()), zap.Uint64("log_records", r.j.recovered),
 		zap.Uint64("pending_seq", r.st.pendingSeq.Load()), zap.Uint64("acked_seq", r.p.acked.seq))
-	go r.writeLoop()
 	go r.publishLoop(pctx)
 	return nil
 }
 
-// Record makes u durable: it returns once u is committed to Badger with its group
-// commit, together with the counters it updates. It is safe for many concurrent
-// callers, reads u only during the call, and allocates nothing per call (batch buffers
-// are reused). An error means u may not be durable.
+// Record makes u durable: it returns once u is in the usage log, which survives a
+// crash of the process (see journal.go), together with the counters it updates. It is
+// safe for many concurrent callers, each of which holds a lock for one copy of a few
+// dozen bytes; it reads u only during the call, makes no system call (except once per
+// 8 MiB of log when the next segment was not made ready in time) and allocates nothing.
+// An error means u is not durable.
 func (r *Recorder) Record(u []limiter.Usage) error {
 	if len(u) == 0 {
 		return nil
 	}
-	r.mu.Lock()
+	size := recordSize(u)
+	at := r.opts.Now().UnixNano()
+	j := r.j
+	j.mu.Lock()
 	if r.state != stateRunning {
 		st := r.state
-		r.mu.Unlock()
+		j.mu.Unlock()
 		if st == stateNew {
 			return ErrNotStarted
 		}
 		return ErrClosed
 	}
-	var b *batch
-	if n := len(r.queue); n > 0 && !r.queue[n-1].sealed {
-		b = r.queue[n-1]
-		if len(b.usages)+len(u) > r.maxBatchUsages {
-			b.sealed = true // full: the writer may take it at once
-			b = nil
-			r.signal()
-		}
+	before := j.pos
+	b, err := j.reserve(size)
+	if err == nil {
+		j.commit(appendRecord(b, at, u))
+		j.records += uint64(len(u))
+		r.st.records.Store(j.records)
+		r.st.appends.Store(j.appends)
 	}
-	if b == nil {
-		b = r.newBatchLocked()
+	after := j.pos
+	j.mu.Unlock()
+	if err != nil {
+		r.appendFailed(err)
+		return err
 	}
-	if len(b.usages) == 0 {
-		b.first = time.Now()
-		r.signal()
+	if r.failing.Load() {
+		r.failing.Store(false)
 	}
-	b.usages = append(b.usages, u...)
-	r.mu.Unlock()
-	<-b.done
-	return b.err
+	// Wake the publisher at the outbox bound, and when a segment is half full (to make
+	// the next one ready).
+	if after-r.logFloor.Load() >= uint64(r.opts.MaxOutboxBytes) || before%segmentSize < segmentSize/2 && after%segmentSize >= segmentSize/2 {
+		r.kickPublisher()
+	}
+	return nil
+}
+
+func (r *Recorder) appendFailed(err error) {
+	r.failing.Store(true)
+	r.st.appendErrors.Add(1)
+	r.st.setError(err)
+	if ce := r.log.Check(zap.ErrorLevel, "usage append to the log failed; the request gets the error"); ce != nil {
+		ce.Write(zap.Error(err))
+	}
 }
 
 // Flush publishes everything committed before the call and waits for its
 // acknowledgement, or for ctx.
 func (r *Recorder) Flush(ctx context.Context) error {
-	r.mu.Lock()
+	r.j.mu.Lock()
 	st := r.state
-	r.mu.Unlock()
+	r.j.mu.Unlock()
 	if st == stateNew {
 		return ErrNotStarted
 	}
-	w := &flushWaiter{mark: r.lastBatch.Load(), ctx: ctx, done: make(chan error, 1)}
+	w := &flushWaiter{mark: r.j.end.Load(), ctx: ctx, done: make(chan error, 1)}
 	select {
 	case r.flushCh <- w:
 	case <-ctx.Done():
@@ -288,8 +334,7 @@ func (r *Recorder) Flush(ctx context.Context) error {
 	}
 }
 
-// Close stops accepting usage, lets the writer commit what it holds, publishes what it
-// can before ctx's deadline and stops. What is not published stays in the outbox for
+// Close stops accepting usage, publishes what it can before ctx's deadline and stops. What is not published stays in the outbox for
 // the next start; that is logged, not an error. Close does not close the store. It is
 // safe to call twice.
 func (r *Recorder) Close(ctx context.Context) error {
@@ -298,35 +343,29 @@ func (r *Recorder) Close(ctx context.Context) error {
 }
 
 func (r *Recorder) close(ctx context.Context) error {
-	r.mu.Lock()
+	r.j.mu.Lock()
 	st := r.state
 	r.state = stateClosed
-	r.signal()
-	r.mu.Unlock()
+	r.j.mu.Unlock()
 	if st != stateRunning {
+		if st == stateNew {
+			r.j.close()
+		}
 		return nil
 	}
-	<-r.writerDone
 	err := r.Flush(ctx)
 	r.pubCancel()
 	<-r.pubDone
+	r.j.close() // nothing appends (closed) or reads (the publisher stopped) any more
 	s := r.Stats()
 	if err != nil {
 		r.log.Warn("usage recorder closed with usage left in the outbox for the next start",
-			zap.Error(err), zap.Int64("outbox_bytes", s.OutboxBytes), zap.Int64("outbox_batches", s.OutboxBatches),
+			zap.Error(err), zap.Int64("outbox_bytes", s.OutboxBytes), zap.Int64("outbox_records", s.OutboxRecords),
 			zap.Int64("outbox_keys", s.OutboxKeys), zap.Uint64("pending_seq", s.PendingSeq))
 	} else {
 		r.log.Info("usage recorder closed, outbox published", zap.Uint64("acked_seq", s.AckedSeq))
 	}
 	return nil
-}
-
-// signal wakes the writer; it never blocks.
-func (r *Recorder) signal() {
-	select {
-	case r.wake <- struct{}{}:
-	default:
-	}
 }
 
 // Restore calls l.Restore for every durable counter whose window has not ended, so that
@@ -337,7 +376,7 @@ func (r *Recorder) signal() {
 // A counter's durable value is the sum of its parts in four places, each unit of usage
 // being in exactly one of them at every moment (see the package doc): its u/c/ entry
 // (usage settled after publication), its deltas in messages not yet settled into it
-// (pending or acknowledged), in folded outbox totals, and in outbox batches at or above
+// (pending or acknowledged), in folded outbox totals, and in log records at or above
 // the floor.
 func (r *Recorder) Restore(l *limiter.Limiter) error {
 	now := r.opts.Now().UnixNano()
@@ -359,12 +398,13 @@ func (r *Recorder) Restore(l *limiter.Limiter) error {
 		return fmt.Errorf("usage: delete expired counters: %w", err)
 	}
 	r.log.Info("usage counters restored", zap.Int("restored", restored), zap.Int("expired_deleted", len(r.stale)))
-	r.sums, r.stale = nil, nil // read once at New; the writer keeps its own totals
+	r.sums, r.stale = nil, nil // read once at New; the publisher keeps its own totals
 	return nil
 }
 
-// durableSums reads every counter's durable value (see Restore) as of now, and the keys
-// of settled counters whose windows ended more than counterRetention ago.
+// durableSums reads every counter's durable value (see Restore) as of now, except its
+// part in the log, and the keys of settled counters whose windows ended more than
+// counterRetention ago.
 func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale [][]byte, err error) {
 	now := r.opts.Now().UnixNano()
 	horizon := now - int64(counterRetention)
@@ -379,11 +419,7 @@ func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale []
 		c.quantity += qty
 	}
 	err = r.db.View(func(txn *badger.Txn) error { // one snapshot of every place
-		var floor uint64
 		var mark settleMark
-		if err := getValue(txn, keyFloor, func(v []byte) (err error) { floor, err = decodeU64(v); return err }); err != nil {
-			return err
-		}
 		if err := getValue(txn, keySettled, func(v []byte) (err error) { mark, err = decodeSettleMark(v); return err }); err != nil {
 			return err
 		}
@@ -439,14 +475,6 @@ func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale []
 			}
 			addTo(k, d.end, d.quantity)
 		}
-		for it.Seek(batchKey(nil, floor)); it.ValidForPrefix([]byte(prefixBatch)); it.Next() {
-			err := it.Item().Value(func(v []byte) error {
-				return decodeBatch(v, func(k limiter.CounterKey, d delta) { addTo(k, d.end, d.quantity) })
-			})
-			if err != nil {
-				return fmt.Errorf("outbox batch %d: %w", batchSeq(it.Item().Key()), err)
-			}
-		}
 		return nil
 	})
 	if err != nil {
@@ -457,10 +485,10 @@ func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale []
 
 // Stats are the recorder's counters and gauges, for metrics and readiness.
 type Stats struct {
-	Records      uint64 // usage records made durable
-	Batches      uint64 // group commits
-	BadgerWrites uint64 // Badger write transactions of the writer (one per group commit)
-	WriteErrors  uint64 // group commits that failed (their Records returned the error)
+	Records      uint64 // usage records made durable since New
+	Appends      uint64 // appends to the log (one per Record call) since New
+	BadgerWrites uint64 // Badger write transactions of the recorder (all of them the publisher's)
+	WriteErrors  uint64 // appends that failed (their Records returned the error)
 
 	Published        uint64 // messages acknowledged by JetStream
 	PublishedDeltas  uint64 // deltas in them
@@ -471,8 +499,9 @@ type Stats struct {
 	Rebaselines      uint64 // times this sidecar's earlier messages were found removed from the stream
 	Compactions      uint64 // times the outbox was folded at its bound
 
-	OutboxBytes   int64  // bytes of outbox entries and the pending message (keys and values)
-	OutboxBatches int64  // group commits not yet published
+	OutboxBytes   int64  // bytes of the log not yet in a message, folded totals and the pending message
+	OutboxRecords int64  // log records (one per Record call) not yet in a message
+	LogFileBytes  int64  // size of the log's segment files on disk
 	OutboxKeys    int64  // folded per-key totals not yet published
 	Unsettled     int64  // acknowledged messages not yet settled into the counters
 	PendingSeq    uint64 // sequence of the message being published; 0 when none
@@ -486,10 +515,11 @@ type Stats struct {
 }
 
 type stats struct {
-	records, batches, badgerWrites, writeErrors                            atomic.Uint64
+	records, appends, badgerWrites, appendErrors                           atomic.Uint64
+	recordsOut                                                             atomic.Uint64 // log records taken into messages or totals
 	published, publishedDeltas, publishedRecords, publishErrors, recovered atomic.Uint64
 	conflicts, rebaselines, compactions                                    atomic.Uint64
-	outboxBytes, outboxBatches, outboxKeys, unsettled                      atomic.Int64
+	outboxBytes, outboxKeys, unsettled                                     atomic.Int64 // outboxBytes: not counting the log
 	pendingSeq, ackedSeq                                                   atomic.Uint64
 	lastPublish                                                            atomic.Int64
 	atBound, streamReady                                                   atomic.Bool
@@ -516,12 +546,12 @@ func (s *stats) setConflict(c string) {
 func (r *Recorder) Stats() Stats {
 	s := &r.st
 	out := Stats{
-		Records: s.records.Load(), Batches: s.batches.Load(), BadgerWrites: s.badgerWrites.Load(),
-		WriteErrors: s.writeErrors.Load(), Published: s.published.Load(),
+		Records: s.records.Load(), Appends: s.appends.Load(), BadgerWrites: s.badgerWrites.Load(),
+		WriteErrors: s.appendErrors.Load(), Published: s.published.Load(),
 		PublishedDeltas: s.publishedDeltas.Load(), PublishedRecords: s.publishedRecords.Load(),
 		PublishErrors: s.publishErrors.Load(), Recovered: s.recovered.Load(), Conflicts: s.conflicts.Load(),
 		Rebaselines: s.rebaselines.Load(), Compactions: s.compactions.Load(),
-		OutboxBytes: s.outboxBytes.Load(), OutboxBatches: s.outboxBatches.Load(), OutboxKeys: s.outboxKeys.Load(), Unsettled: s.unsettled.Load(),
+		OutboxBytes: r.outboxBytes(), OutboxRecords: int64(r.j.recovered + s.appends.Load() - s.recordsOut.Load()), LogFileBytes: r.j.diskBytes(), OutboxKeys: s.outboxKeys.Load(), Unsettled: s.unsettled.Load(),
 		PendingSeq: s.pendingSeq.Load(), AckedSeq: s.ackedSeq.Load(),
 		AtBound: s.atBound.Load(), StreamReady: s.streamReady.Load(),
 	}
@@ -534,22 +564,29 @@ func (r *Recorder) Stats() Stats {
 	return out
 }
 
+// outboxBytes is the size of the outbox: the log from the floor, the folded totals and
+// the pending message.
+func (r *Recorder) outboxBytes() int64 {
+	return int64(r.j.end.Load()-r.logFloor.Load()) + r.st.outboxBytes.Load()
+}
+
 // Readiness reports whether usage can be recorded (false when the recorder is closed or
-// its last group commit failed) and a detail for the readiness endpoint: the outbox
+// its last append failed) and a detail for the readiness endpoint: the outbox
 // bound, a publishing backlog, a conflict. A NATS outage does not make it unready:
 // usage is kept in the outbox.
 func (r *Recorder) Readiness() (ready bool, detail string) {
 	s := r.Stats()
-	r.mu.Lock()
+	r.j.mu.Lock()
 	running := r.state == stateRunning
-	r.mu.Unlock()
+	r.j.mu.Unlock()
 	var parts []string
-	ready = running && !r.w.failing.Load()
+	failing := r.failing.Load()
+	ready = running && !failing
 	if !running {
 		parts = append(parts, "usage recorder not running")
 	}
-	if r.w.failing.Load() {
-		parts = append(parts, "usage: group commit to Badger failing: "+s.LastError)
+	if failing {
+		parts = append(parts, "usage: appending to the usage log failing: "+s.LastError)
 	}
 	if s.Conflict != "" {
 		parts = append(parts, "usage: conflict: "+s.Conflict)

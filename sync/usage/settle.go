@@ -28,7 +28,7 @@ func (r *Recorder) housekeep() (more bool) {
 		r.houseFailed("deleting published outbox entries", err)
 		return false
 	}
-	return len(p.log) > 0 || len(p.dead) > 0 && r.sweepChunk > 0
+	return len(p.log) > 0 || len(p.dead) > 0 && r.sweepChunk > 0 || r.sweepChunk > 0 && r.j.sweepable(p.logFloor)
 }
 
 func (r *Recorder) houseFailed(what string, err error) {
@@ -62,7 +62,7 @@ func (r *Recorder) settleStep() error {
 	}
 	updated := make([]counter, len(chunk))
 	var key []byte
-	err := r.db.Update(func(txn *badger.Txn) error {
+	err := r.update(func(txn *badger.Txn) error {
 		for i := range chunk {
 			e := &chunk[i]
 			c := p.counters[e.k]
@@ -107,16 +107,22 @@ func (r *Recorder) settleStep() error {
 	return nil
 }
 
-// sweepStep deletes up to Recorder.sweepChunk entries whose usage is counted elsewhere: batches
-// below the floor (they are in messages) and messages that were settled by an earlier
-// version. Nothing depends on when they go: load and Restore skip them.
+// sweepStep deletes the log segments wholly below the floor (they are in messages), and
+// up to Recorder.sweepChunk messages that were settled by an earlier version. Nothing
+// depends on when they go: load and Restore skip them.
 func (r *Recorder) sweepStep() error {
 	p := &r.p
+	if r.sweepChunk == 0 {
+		return nil
+	}
+	if err := r.sweepLog(); err != nil {
+		return err
+	}
 	n := min(len(p.dead), r.sweepChunk)
 	if n == 0 {
 		return nil
 	}
-	err := r.db.Update(func(txn *badger.Txn) error {
+	err := r.update(func(txn *badger.Txn) error {
 		for _, k := range p.dead[:n] {
 			if err := txn.Delete(k); err != nil {
 				return err
@@ -133,4 +139,22 @@ func (r *Recorder) sweepStep() error {
 		p.dead = nil
 	}
 	return nil
+}
+
+// sweepLog deletes the log segments wholly below the floor, after syncing the database,
+// so that the floor that makes them useless reaches the disk before they leave it.
+func (r *Recorder) sweepLog() error {
+	if !r.j.sweepable(r.p.logFloor) {
+		return nil
+	}
+	if err := r.db.Sync(); err != nil {
+		return fmt.Errorf("sync before deleting published usage log segments: %w", err)
+	}
+	n, err := r.j.sweep(r.p.logFloor)
+	if n > 0 {
+		if ce := r.log.Check(zap.DebugLevel, "usage log segments deleted"); ce != nil {
+			ce.Write(zap.Int("segments", n), zap.Uint64("floor", r.p.logFloor))
+		}
+	}
+	return err
 }

@@ -12,8 +12,8 @@ import (
 	"github.com/gatehouse-dev/gatehouse/limiter"
 )
 
-// A restart at each stage of the usage's way out (in batches; cut into a message; published
-// and partly settled into the counters; settled, with the published batches not yet
+// A restart at each stage of the usage's way out (in the log; cut into a message; published
+// and partly settled into the counters; settled, with the published log segments not yet
 // deleted) restores every counter exactly, and publishes every unit exactly once.
 func TestRestartAtEveryStage(t *testing.T) {
 	for _, tc := range []struct {
@@ -21,7 +21,7 @@ func TestRestartAtEveryStage(t *testing.T) {
 		setup func(r *Recorder)
 		stop  func(t *testing.T, r *Recorder)
 	}{
-		{"in batches", nil, func(t *testing.T, r *Recorder) { r.Close(expired()) }},
+		{"in the log", nil, func(t *testing.T, r *Recorder) { r.Close(expired()) }},
 		{"cut, not published", func(r *Recorder) {
 			r.hooks.beforePublish = func() bool { return true }
 		}, func(t *testing.T, r *Recorder) { crash(t, r) }},
@@ -37,7 +37,7 @@ func TestRestartAtEveryStage(t *testing.T) {
 			}
 			r.Close(expired())
 		}},
-		{"settled, published batches not deleted", func(r *Recorder) {
+		{"settled, published log not deleted", func(r *Recorder) {
 			r.sweepChunk = 0
 		}, func(t *testing.T, r *Recorder) {
 			flush(t, r)
@@ -66,8 +66,8 @@ func TestRestartAtEveryStage(t *testing.T) {
 			e.reopen()
 
 			r2 := e.build(hourly)
-			if s := r2.Stats(); tc.name == "settled, published batches not deleted" && (s.OutboxBatches != 0 || s.OutboxBytes != 0 || s.PendingSeq != 0) {
-				t.Fatalf("published batches count as outbox after the restart: %+v", s)
+			if s := r2.Stats(); tc.name == "settled, published log not deleted" && (s.OutboxRecords != 0 || s.OutboxBytes != 0 || s.PendingSeq != 0) {
+				t.Fatalf("the published log counts as outbox after the restart: %+v", s)
 			}
 			l := limiter.New()
 			if err := r2.Restore(l); err != nil {
