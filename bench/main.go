@@ -93,7 +93,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.FleetRounds, "fleet-rounds", 2, "fleet: closed-loop (one sidecar, the fleet) rounds")
 	fs.DurationVar(&o.Outage, "outage", 5*time.Second, "outage: how long NATS stays down")
 	fs.Float64Var(&o.OutageRate, "outage-rate", 2000, "outage: open-loop rate (requests/s) while NATS goes away and comes back")
-	fs.Float64Var(&o.UsageRate, "usage-rate", 20000, "usage: the open-loop rate (requests/s) at which the usage-on sidecar's group commits and publishes are read besides the closed loop")
+	fs.Float64Var(&o.UsageRate, "usage-rate", 20000, "usage: the open-loop rate (requests/s) at which the usage-on sidecar's Badger writes and publishes are read besides the closed loop")
 	fs.Float64Var(&o.MaxNoise, "max-noise", 0.10, "redo a pair when another process or the hypervisor took more than this share of the machine")
 	fs.IntVar(&o.MaxRedo, "max-redo", 2, "redone pairs allowed per comparison")
 	fs.DurationVar(&o.Budget, "budget", 4*time.Minute+45*time.Second, "redos and waits for quiet stop when the run would take longer than this")

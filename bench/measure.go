@@ -112,13 +112,7 @@ func (e *env) measure(ctx context.Context, label, phase string, round int, p *pr
 	}
 	var edges []accountingReading
 	if a := p.acct; a != nil {
-		spec.edge = func() {
-			if len(edges) == 0 {
-				edges = append(edges, a.begin(ctx))
-			} else {
-				edges = append(edges, a.end(ctx))
-			}
-		}
+		spec.edge = func() { edges = append(edges, a.read(ctx)) }
 	}
 	res, err := runLoad(ctx, targets, wl, spec, e.mon.sample)
 	var bu besideUse

@@ -212,7 +212,7 @@ func (outageScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) 
 	or.Bad += or.Warm.non2xx()
 	res.UsageCheck = e.checkUsage(ctx, sc, wl, lr.errors+or.Warm.Errors)
 	or.Metrics = map[string]any{}
-	for _, m := range []string{"gatehouse_usage_outbox_bytes", "gatehouse_usage_outbox_batches", "gatehouse_usage_publish_errors_total", "gatehouse_replica_caught_up"} {
+	for _, m := range []string{"gatehouse_usage_outbox_bytes", "gatehouse_usage_outbox_records", "gatehouse_usage_publish_errors_total", "gatehouse_replica_caught_up"} {
 		if v, err := metricSum(sc.admin, m); err == nil {
 			or.Metrics[m] = v
 		}

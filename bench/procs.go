@@ -23,7 +23,7 @@ type proc struct {
 	admin, config, nats string
 	usageOff            bool // a sidecar run with usage: {enabled: false}
 	// acct, when set, is read at both edges of every recorded phase of a run of this
-	// target (the usage scenario's group commits and publishes).
+	// target (the usage scenario's Badger writes, records and publishes).
 	acct *accountingReader
 	// A view (env.view) has no process of its own: it stands for group under its own
 	// name, loaded together (a fleet), and runs beside, when set, next to each measured

@@ -311,8 +311,8 @@ log: {level: info}
 
 	// Let every soft limit be crossed before the first kill. Overage is computed per
 	// request when it commits, from the in-memory counter, which may already hold
-	// commits of concurrent requests that a kill then loses before their group commit:
-	// a kill at the very crossing could leave published overage != quantity - limit.
+	// commits of concurrent requests that a kill then loses before they reach the usage
+	// log: a kill at the very crossing could leave published overage != quantity - limit.
 	eventually(t, 60*time.Second, "every soft limit crossed", func() bool {
 		for _, c := range cs {
 			if !hard[c.id] && load.seenOf(ckey{c.id, fExports}) < c.softLimit+20 {
@@ -325,7 +325,7 @@ log: {level: info}
 	earlyKills := 0
 	for k := range kills {
 		// Random-ish moments: after some progress of this run, then a random pause, so
-		// that kills fall in group commits, cuts, publishes and acknowledgements.
+		// that kills fall in appends, cuts, publishes and acknowledgements.
 		target := load.seenReq.Load() + 20 + rng.Int64N(400)
 		eventually(t, 60*time.Second, fmt.Sprintf("progress before kill %d", k+1), func() bool {
 			return load.seenReq.Load() >= target

@@ -35,9 +35,9 @@ type Limiter interface {
 	Refund(r *limiter.Reservation)
 }
 
-// Recorder makes committed usage durable. Record blocks until u is safe against a
-// killed process (a group commit: many requests share one write) and must only read u
-// during the call.
+// Recorder makes committed usage durable. Record returns once u is safe against a
+// killed process (sync/usage appends it to a memory-mapped log: a copy, no system call)
+// and must only read u during the call.
 type Recorder interface {
 	Record(u []limiter.Usage) error
 }
