@@ -31,12 +31,12 @@ const usageStream = "GATEHOUSE_USAGE"
 
 // accountingReader reads what a sidecar's usage accounting has done so far: its
 // gatehouse_usage_* counters (admin /metrics), the last sequence of its usage stream
-// (its embedded NATS), and the 2xx answers the harness counted. It reads only when
+// (its own NATS server), and the 2xx answers the harness counted. It reads only when
 // asked, at the edges of a recorded phase, so it adds no work to the phase itself.
 type accountingReader struct {
 	p        *proc
 	admitted []atomic.Int64
-	nc       *nats.Conn // nil when the sidecar has no embedded NATS to read
+	nc       *nats.Conn // nil when the sidecar has no NATS server of its own to read
 	js       jetstream.JetStream
 }
 

@@ -226,17 +226,21 @@ func (e *env) stopProc(p *proc) {
 	}
 	p.stop()
 	e.mon.remove(p)
+	if p.natsProc != nil {
+		e.stopProc(p.natsProc)
+	}
 }
 
 // startSidecar writes a configuration for snaps and runs `gatehouse serve` on it, with
-// its own data directory and an embedded NATS server on a free port, then waits until
-// its admin /readyz says the entitlements are in.
+// its own data directory and its own NATS server (a natssrv process on a free port, as
+// production runs NATS apart from the sidecar: its JetStream work does not share the
+// sidecar's Go runtime), then waits until its admin /readyz says the entitlements are in.
 func (e *env) startSidecar(ctx context.Context, name string, snaps []snapshotDoc) (*proc, error) {
 	return e.startSidecarWith(ctx, name, snaps, nil)
 }
 
-// startSidecarWith is startSidecar with NATS at natsURLs instead of embedded (nil:
-// embedded). With no snaps the sidecar has no entitlements file and takes what the
+// startSidecarWith is startSidecar with NATS at natsURLs instead of a server of its own
+// (nil: its own). With no snaps the sidecar has no entitlements file and takes what the
 // bucket holds.
 func (e *env) startSidecarWith(ctx context.Context, name string, snaps []snapshotDoc, natsURLs []string) (*proc, error) {
 	return e.launchSidecar(ctx, name, snaps, natsURLs, e.o.Usage)
@@ -256,7 +260,7 @@ func (e *env) launchSidecar(ctx context.Context, name string, snaps []snapshotDo
 			return nil, err
 		}
 	}
-	var addrs [3]string // proxy, admin, embedded NATS
+	var addrs [3]string // proxy, admin, its NATS server
 	for i := range addrs {
 		a, err := freeAddr()
 		if err != nil {
@@ -264,14 +268,21 @@ func (e *env) launchSidecar(ctx context.Context, name string, snaps []snapshotDo
 		}
 		addrs[i] = a
 	}
-	natsListen := ""
+	var ns *proc
+	natsAddr := ""
 	if e.caps[capNATS] && len(natsURLs) == 0 {
-		natsListen = addrs[2]
+		natsAddr = addrs[2]
+		store := filepath.Join(dir, "nats")
+		var err error
+		if ns, err = e.startProc(ctx, name+"-nats", natsAddr, 0, e.bin.natssrv, "-listen", natsAddr, "-store", store); err != nil {
+			return nil, err
+		}
+		natsURLs = []string{"nats://" + natsAddr}
 	}
 	cfgPath := filepath.Join(dir, "gatehouse.yaml")
 	cfg := sidecarConfig(sidecarSpec{
 		listen: addrs[0], admin: addrs[1], upstream: e.up.addr, dataDir: filepath.Join(dir, "data"), snapshots: snapPath,
-		natsListen: natsListen, natsURLs: natsURLs, usageOff: !usage && e.caps[capUsage],
+		natsURLs: natsURLs, usageOff: !usage && e.caps[capUsage],
 	})
 	if e.o.SidecarExtra != "" {
 		cfg += "# -sidecar-extra\n" + e.o.SidecarExtra + "\n"
@@ -282,9 +293,10 @@ func (e *env) launchSidecar(ctx context.Context, name string, snaps []snapshotDo
 	started := time.Now()
 	p, err := e.startProc(ctx, name, addrs[0], e.o.ProxyProcs, e.bin.gatehouse, "serve", "-config", cfgPath)
 	if err != nil {
+		e.stopProc(ns)
 		return nil, err
 	}
-	p.admin, p.config, p.nats, p.usageOff = addrs[1], cfgPath, natsListen, !usage
+	p.admin, p.config, p.nats, p.natsProc, p.usageOff = addrs[1], cfgPath, natsAddr, ns, !usage
 	if err := waitHTTP(ctx, p, "http://"+p.admin+"/readyz", time.Minute); err != nil {
 		e.stopProc(p)
 		return nil, err

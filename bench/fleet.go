@@ -8,7 +8,7 @@ import (
 )
 
 // fleet: several sidecars, each its own process with its own data directory and ports,
-// share one NATS (the first one's embedded server; the others connect to it through
+// share one NATS (the first one's server; the others connect to it through
 // nats.urls) and so each customer's hard limits, through leases in KV bucket
 // gatehouse_quota. It answers two questions. What does a fleet do on this machine
 // against one sidecar alone (closed loop, the same connections spread over the fleet)?
@@ -20,7 +20,7 @@ func (fleetScenario) Name() string                    { return "fleet" }
 func (fleetScenario) Available(e *env) (bool, string) { return needCaps(e, capNATS, capFleet) }
 
 func (fleetScenario) about(o *options) string {
-	return fmt.Sprintf("%d sidecars sharing one NATS (the first one's embedded server): %d customers far from their limits loaded closed-loop over the fleet and over one sidecar alone; then %d customers with hard limits of 0 to 250 requests (window NEVER) exhausted through all sidecars at once, in bursts of up to %d concurrent requests per customer",
+	return fmt.Sprintf("%d sidecars sharing one NATS (a server of its own process): %d customers far from their limits loaded closed-loop over the fleet and over one sidecar alone; then %d customers with hard limits of 0 to 250 requests (window NEVER) exhausted through all sidecars at once, in bursts of up to %d concurrent requests per customer",
 		o.Fleet, o.FleetCusts, o.ExhaustCusts, o.Conns)
 }
 

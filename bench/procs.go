@@ -18,10 +18,11 @@ import (
 type proc struct {
 	name string
 	addr string // where it serves HTTP
-	// A sidecar's admin address, configuration file, and the client address of its
-	// embedded NATS server ("" when it connects to an external one).
+	// A sidecar's admin address, configuration file, and the client address of its own
+	// NATS server ("" when it connects to another's).
 	admin, config, nats string
-	usageOff            bool // a sidecar run with usage: {enabled: false}
+	natsProc            *proc // its own NATS server, stopped with it
+	usageOff            bool  // a sidecar run with usage: {enabled: false}
 	// acct, when set, is read at both edges of every recorded phase of a run of this
 	// target (the usage scenario's Badger writes, records and publishes).
 	acct *accountingReader

@@ -12,7 +12,7 @@ import (
 )
 
 // Entitlement changes go in the way an operator's do: `gatehouse push -config FILE -f
-// SNAPSHOTS` against the sidecar's NATS (its embedded server, or nats.urls), one process
+// SNAPSHOTS` against the sidecar's NATS (its own server, or another's), one process
 // per push. A push validates every snapshot and writes only those whose meaning changed.
 
 // pushResult is one `gatehouse push`.

@@ -11,14 +11,14 @@ import (
 
 // usage: what usage accounting costs the request path, in one run. Two sidecars from the
 // same binary, with steady's customers and workload, each with its own data directory,
-// ports and embedded NATS; the second runs with usage: {enabled: false}. They are
+// ports and NATS server (its own process); the second runs with usage: {enabled: false}. They are
 // compared as steady compares the sidecar with the bare proxy: closed-loop rounds back to
 // back (alternating which goes first) for throughput, open-loop pairs at -rate for
 // latency, every run with its own warm-up, noisy rounds redone. Over the usage-on
 // sidecar's recorded phases the harness reads what its accounting did (accounting.go):
 // the recorder's Badger writes and its usage records per 1,000 requests (its counters)
 // and messages published per second (its counter, or the last sequence of stream
-// GATEHOUSE_USAGE on its embedded NATS), also in one open-loop run at -usage-rate. Not in the default set: it answers one question, for the usage work.
+// GATEHOUSE_USAGE on its NATS server), also in one open-loop run at -usage-rate. Not in the default set: it answers one question, for the usage work.
 type usageCostScenario struct{}
 
 func (usageCostScenario) Name() string                    { return "usage" }
