@@ -109,10 +109,12 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 			r.failWaiters(ErrClosed)
 			return
 		}
-		if wait != 0 && r.housekeep() && (wait < 0 || wait > r.housePace) {
+		if wait != 0 && r.housekeep() {
 			// More to do: after a pause, so that housekeeping spreads over the flush
 			// interval instead of taking a core in one burst after each publish.
-			wait = r.housePace
+			if pace := r.pace(); wait < 0 || wait > pace {
+				wait = pace
+			}
 		}
 		if r.crashed.Load() {
 			r.failWaiters(ErrClosed)
@@ -138,6 +140,21 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 		}
 		retry.Stop()
 	}
+}
+
+// pace is the pause between housekeeping steps: what spreads the settling of the
+// acknowledged messages over half a flush interval, between housePace and 20 ms, so that
+// it keeps up with the load and takes a core for short moments only.
+func (r *Recorder) pace() time.Duration {
+	left := 0
+	for i, m := range r.p.log {
+		left += len(m.entries)
+		if i == 0 && r.p.settled.seq == m.seq {
+			left -= int(min(r.p.settled.index, uint64(len(m.entries))))
+		}
+	}
+	steps := max(1, (left+r.settleChunk-1)/r.settleChunk)
+	return min(max(r.opts.FlushInterval/2/time.Duration(steps), r.housePace), 20*time.Millisecond)
 }
 
 // step does the next thing to do and returns how long to wait before the next step: 0
