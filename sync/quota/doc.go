@@ -23,20 +23,27 @@
 // # Lease size and refills
 //
 // A refill's size adapts to what is left and to this sidecar's recent rate (leaseSize
-// in lease.go). Far from the limit a lease is a share of what is left: at least 1/16
-// of the free quota per sidecar holding the key, capped by Options.MaxLease, or what
-// lasts Options.LeasePeriod at the recent rate if that is more (within MinLease and
-// MaxLease, at most doubling per refill). A customer with a limit of 10^12 thus takes
-// MaxLease at its first request and refills once per 0.75·MaxLease requests, whatever
-// its rate. Near the limit a lease is never more than what is left divided by twice
-// the number of sidecars holding grants (or in the fleet roster, if more), down to 1
-// unit, and at least the request's cost. A refill starts ahead of need, off the
-// request path, when the lease falls below its low-water mark (LowWaterPercent of its
-// size, and at least what the recent rate uses in four refill times), but never takes
-// the last 2·holders units: those go to requests that wait for them. A request waits
-// only when its sidecar holds too little, at most Options.Wait, and then the route's
-// on_unavailable policy decides. A sidecar's first lease of a key is taken on the
-// request path: one compare-and-set per (customer, feature, window) and sidecar.
+// in lease.go). Far from the limit a lease is a share of what is left: at least 1/16 of
+// the free quota per sidecar holding the key, capped by Options.MaxLease, or what lasts
+// Options.LeasePeriod at the recent rate if that is more (within MinLease and MaxLease,
+// at most doubling per refill). A customer with a limit of 10^12 thus takes MaxLease at
+// its first request and refills once per 0.75·MaxLease requests, whatever its rate.
+// Near the limit a lease is never more than what is left divided by twice the number of
+// sidecars holding grants (or in the fleet roster, if more), or, if more, what the
+// recent rate uses while a refill is under way, within an equal share of what is left;
+// down to 1 unit, and at least the request's cost. A refill starts ahead of need, off
+// the request path, when the lease falls below its low-water mark (LowWaterPercent of
+// its size, and at least what the recent rate uses in four refill times), but never
+// takes the last 2·holders units: those go to requests that wait for them. A refill
+// ahead of need that finds nothing to take is not tried again for a while, even if the
+// lease still holds units. A request waits only when its sidecar holds too little, at
+// most Options.Wait, and then the route's on_unavailable policy decides. The requests
+// that wait for one refill share it, and it takes what they need together when that
+// much is left, so that one compare-and-set serves them all. A sidecar's first lease of
+// a key is taken on the request path: one compare-and-set per (customer, feature,
+// window) and sidecar. A refill writes with the value it last read or wrote, which the
+// compare-and-set checks; within a second of losing one to another sidecar, it reads
+// the key first, since the value it holds is then most likely stale.
 //
 // # Asking for unused quota
 //

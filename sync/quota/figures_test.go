@@ -20,7 +20,9 @@ import (
 //
 // It logs lease refills per 1,000 admitted requests far from the limit, the latency of
 // admitted requests near the limit (where leases are small and refills frequent)
-// against far from it and against a fleet without leases, and the throughput of 4
+// against far from it and against a fleet without leases, how many of the requests
+// answered near the limit waited for a refill (and how many of those were then granted
+// quota rather than told that none was left), and the throughput of 4
 // sidecars against 1. Every sidecar, the upstream and the 64 clients share this
 // machine's CPUs, so a fleet cannot be faster than one sidecar here: the throughput
 // figure is the cost of the fleet, not its capacity. It asserts nothing about time.
@@ -67,19 +69,20 @@ func TestFigures(t *testing.T) {
 		f.up.served.Store(0)
 		// The waits for refills of the requests answered while the fleet used the last 5%
 		// of the limit.
-		var waits0, waits []uint64
+		var waits0, waits, granted0, granted []uint64
 		var answered0, answered int64
 		var from, to sync.Once
 		r := f.run("/v1/calls", fleetClients, 2*limit, func(n int64) {
 			switch served := f.up.served.Load(); {
 			case served >= limit:
-				to.Do(func() { waits, answered = f.waits(), n })
+				to.Do(func() { waits, granted, answered = f.waits(), f.grantedWaits(), n })
 			case served > limit*95/100:
-				from.Do(func() { waits0, answered0 = f.waits(), n })
+				from.Do(func() { waits0, granted0, answered0 = f.waits(), f.grantedWaits(), n })
 			}
 		})
 		for i := range waits {
 			waits[i] -= waits0[i]
+			granted[i] -= granted0[i]
 		}
 		answered -= answered0
 		var far, near []time.Duration
@@ -102,7 +105,9 @@ func TestFigures(t *testing.T) {
 				t.Logf("sidecar %d: %+v", i, sc.Quota.Stats())
 			}
 			t.Logf("while the fleet used the last 5%% of the limit, %d requests were answered, %d waited for a refill: waits %v over buckets %v; "+
-				"added p99 (0 for requests that did not wait) <= %v", answered, sumU(waits), waits, quota.WaitBuckets, waitQuantile(waits, answered, 0.99))
+				"added p99 (0 for requests that did not wait) <= %v; of those waits, %d ended with quota granted: %v, added p99 <= %v "+
+				"(the others learnt that the fleet had nothing left)", answered, sumU(waits), waits, quota.WaitBuckets, waitQuantile(waits, answered, 0.99),
+				sumU(granted), granted, waitQuantile(granted, answered, 0.99))
 		}
 	}
 }
@@ -128,10 +133,18 @@ func waitQuantile(waits []uint64, answered int64, p float64) time.Duration {
 }
 
 func (f *fleet) waits() []uint64 {
+	return f.sumWaits((*quota.Manager).Waits)
+}
+
+func (f *fleet) grantedWaits() []uint64 {
+	return f.sumWaits((*quota.Manager).GrantedWaits)
+}
+
+func (f *fleet) sumWaits(of func(*quota.Manager) []uint64) []uint64 {
 	out := make([]uint64, len(quota.WaitBuckets)+1)
 	for _, sc := range f.scs {
 		if sc.Quota != nil {
-			for i, n := range sc.Quota.Waits() {
+			for i, n := range of(sc.Quota) {
 				out[i] += n
 			}
 		}

@@ -112,25 +112,30 @@ func TestLeaseSize(t *testing.T) {
 		name                          string
 		rate                          float64
 		free, holders, need, min, max int64
+		keep                          int64 // what the recent rate uses while a refill is under way
 		want                          int64
 	}{
-		{"no rate yet: a share of what is left", 0, 1_000_000, 1, 1, 10, 100_000, 62_500},
-		{"no rate yet, little left: min lease", 0, 100, 1, 1, 10, 100_000, 10},
-		{"a share of what is left, 4 sidecars", 0, 10_000, 4, 1, 10, 100_000, 156},
-		{"rate times period", 1000, 100_000, 4, 1, 10, 100_000, 2000},
-		{"rate times period below the share of what is left", 1000, 1_000_000, 4, 1, 10, 100_000, 15_625},
-		{"max lease", 1e9, 1e12, 4, 1, 10, 100_000, 100_000},
-		{"huge limit, low rate: max lease at once", 1, 1e12, 4, 1, 10, 100_000, 100_000},
-		{"near the end: free/(2 sidecars)", 1000, 800, 4, 1, 10, 100_000, 100},
-		{"the last units one by one", 1000, 7, 4, 1, 10, 100_000, 1},
-		{"one unit left", 1000, 1, 1, 1, 10, 100_000, 1},
-		{"the request's cost", 0, 1000, 4, 50, 10, 100_000, 50},
-		{"the cost does not fit", 1000, 40, 4, 50, 10, 100_000, 0},
-		{"nothing left", 1000, 0, 4, 1, 10, 100_000, 0},
-		{"over the limit", 1000, -5, 4, 1, 10, 100_000, 0},
+		{"no rate yet: a share of what is left", 0, 1_000_000, 1, 1, 10, 100_000, 0, 62_500},
+		{"no rate yet, little left: min lease", 0, 100, 1, 1, 10, 100_000, 0, 10},
+		{"a share of what is left, 4 sidecars", 0, 10_000, 4, 1, 10, 100_000, 0, 156},
+		{"rate times period", 1000, 100_000, 4, 1, 10, 100_000, 0, 2000},
+		{"rate times period below the share of what is left", 1000, 1_000_000, 4, 1, 10, 100_000, 0, 15_625},
+		{"max lease", 1e9, 1e12, 4, 1, 10, 100_000, 0, 100_000},
+		{"huge limit, low rate: max lease at once", 1, 1e12, 4, 1, 10, 100_000, 0, 100_000},
+		{"near the end: free/(2 sidecars)", 1000, 800, 4, 1, 10, 100_000, 0, 100},
+		{"near the end, keeping up with the rate", 1000, 800, 4, 1, 10, 100_000, 150, 150},
+		{"near the end, keeping up: at most free/sidecars", 1000, 800, 4, 1, 10, 100_000, 500, 200},
+		{"near the end, keeping up needs less than free/(2 sidecars)", 1000, 800, 4, 1, 10, 100_000, 30, 100},
+		{"the last units one by one", 1000, 7, 4, 1, 10, 100_000, 0, 1},
+		{"the last units, keeping up: still one by one", 1000, 7, 4, 1, 10, 100_000, 50, 1},
+		{"one unit left", 1000, 1, 1, 1, 10, 100_000, 0, 1},
+		{"the request's cost", 0, 1000, 4, 50, 10, 100_000, 0, 50},
+		{"the cost does not fit", 1000, 40, 4, 50, 10, 100_000, 0, 0},
+		{"nothing left", 1000, 0, 4, 1, 10, 100_000, 0, 0},
+		{"over the limit", 1000, -5, 4, 1, 10, 100_000, 0, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := leaseSize(tc.rate, period, tc.min, tc.max, tc.max, tc.free, tc.holders, tc.need); got != tc.want {
+			if got := leaseSize(tc.rate, period, tc.min, tc.max, tc.max, tc.free, tc.holders, tc.need, tc.keep); got != tc.want {
 				t.Errorf("leaseSize = %d, want %d", got, tc.want)
 			}
 		})

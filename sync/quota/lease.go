@@ -15,6 +15,10 @@ import (
 // maxConflicts bounds the compare-and-set rounds of one refill or return.
 const maxConflicts = 32
 
+// contended is how long after a lost compare-and-set a refill reads the key before it
+// writes, rather than write with the value it last read or wrote.
+const contended = time.Second
+
 // lease is this sidecar's share of one counter's limit. The units it may still spend
 // sit on the counter (limiter.Counter.Lease), where the request path takes them.
 type lease struct {
@@ -57,8 +61,9 @@ type lease struct {
 	// quietRev is the key's revision at which an ask found no unused units on any
 	// other sidecar: asks wait for a newer revision (want.go).
 	quietRev uint64
-	size     int64   // the last lease granted
-	rate     float64 // recent use, units per second
+	lostAt   time.Time // when a compare-and-set of this lease last lost to another sidecar's
+	size     int64     // the last lease granted
+	rate     float64   // recent use, units per second
 	rateAt   time.Time
 	rateUse  int64
 }
@@ -67,9 +72,14 @@ type lease struct {
 type job struct {
 	done chan struct{}
 	res  limiter.QuotaResult
-	// need is the most that a request waiting for the job needs, guarded by
+	// need is the most that a request waiting for the job needs, written under
 	// Manager.mu; 0 while none waits (a refill ahead of need).
-	need int64
+	need atomic.Int64
+	// demand is what the requests waiting for the job need together: a refill takes
+	// at least that much when the bucket has it, so that one compare-and-set serves
+	// every request that waits, not one of them. Added to under Manager.mu, read by
+	// the job without it.
+	demand atomic.Int64
 }
 
 // noteLimit records the limit that a request's snapshot gives, if it is the newest
@@ -82,13 +92,17 @@ func (l *lease) noteLimit(s *limiter.Snapshot, f *limiter.Feature) {
 }
 
 // refillLocked starts a refill of at least need units (0: ahead of need), or returns
-// the one under way, which then covers need too. Manager.mu is held.
+// the one under way, which then covers need too and counts it in its demand.
+// Manager.mu is held.
 func (m *Manager) refillLocked(l *lease, need int64) *job {
 	if j := l.job.Load(); j != nil {
-		j.need = max(j.need, need)
+		j.need.Store(max(j.need.Load(), need))
+		j.demand.Add(need)
 		return j
 	}
-	j := &job{done: make(chan struct{}), need: need}
+	j := &job{done: make(chan struct{})}
+	j.need.Store(need)
+	j.demand.Store(need)
 	if m.closed.Load() {
 		j.res = limiter.QuotaUnreachable
 		close(j.done)
@@ -110,19 +124,19 @@ func (m *Manager) refillLocked(l *lease, need int64) *job {
 // need, what another gave for a request that waits.
 func (m *Manager) runJob(l *lease, j *job, need, limit int64, rev uint64) {
 	defer m.jobs.Done()
-	res := m.refill(l, need, limit, rev)
+	res := m.refill(l, j, need, limit, rev)
 	m.mu.Lock()
-	if waiting := j.need; res == limiter.QuotaExhausted && waiting > need {
+	if waiting := j.need.Load(); res == limiter.QuotaExhausted && waiting > need {
 		// Requests joined a refill ahead of need, which leaves the last units to
 		// requests that wait: they do.
 		m.mu.Unlock()
-		res = m.refill(l, waiting, limit, rev)
+		res = m.refill(l, j, waiting, limit, rev)
 		m.mu.Lock()
 	}
 	l.refilling.Store(false)
-	if waiting := j.need; res == limiter.QuotaExhausted && waiting > 0 && limit > 0 && !m.closed.Load() {
+	if waiting := j.need.Load(); res == limiter.QuotaExhausted && waiting > 0 && limit > 0 && !m.closed.Load() {
 		m.mu.Unlock() // requests that join meanwhile wait for the ask too
-		res = m.askAfter(l, waiting, limit, rev)
+		res = m.askAfter(l, j, waiting, limit, rev)
 		m.mu.Lock()
 	}
 	now := m.now()
@@ -131,7 +145,7 @@ func (m *Manager) runJob(l *lease, j *job, need, limit int64, rev uint64) {
 	switch res {
 	case limiter.QuotaExhausted:
 		l.aheadUntil.Store(now.Add(m.recheck).UnixNano())
-		if j.need > 0 {
+		if j.need.Load() > 0 {
 			l.exhaustedUntil, l.exhaustedLimit = now.Add(m.recheck).UnixNano(), limit
 		}
 	case limiter.QuotaUnreachable:
@@ -163,8 +177,9 @@ func (m *Manager) giveBackLocked(l *lease) {
 	}()
 }
 
-// refill tops the lease up by at least need units (at least 1), sized by size.
-func (m *Manager) refill(l *lease, need, limit int64, rev uint64) limiter.QuotaResult {
+// refill tops the lease up by at least need units (at least 1), sized by size, and by
+// at least what the requests waiting for job j need together when the bucket has it.
+func (m *Manager) refill(l *lease, j *job, need, limit int64, rev uint64) limiter.QuotaResult {
 	m.sem <- struct{}{}
 	defer func() { <-m.sem }()
 	l.mu.Lock()
@@ -173,8 +188,8 @@ func (m *Manager) refill(l *lease, need, limit int64, rev uint64) limiter.QuotaR
 	if limit < 0 { // no hard limit any more: nothing to take
 		return limiter.QuotaExhausted
 	}
-	enough := need // a request's need; a refill ahead of need tops up to the low water
-	if need == 0 {
+	enough := max(need, j.demand.Load()) // the waiting requests' need; a refill ahead of need tops up to the low water
+	if enough == 0 {
 		enough = l.c.LeaseLow()
 	}
 	if l.c.Lease() >= max(enough, 1) && l.c.LeaseLimit() <= limit {
@@ -186,13 +201,18 @@ func (m *Manager) refill(l *lease, need, limit int64, rev uint64) limiter.QuotaR
 	n, err := m.update(ctx, l, limit, rev, true, func(v *Value, mine int64) int64 {
 		free := v.Limit - (v.Granted - v.Sidecars[m.id]) - mine
 		holders := max(v.holders(m.id), m.fleet.Load())
+		need := max(need, j.need.Load()) // requests that joined a refill ahead of need wait for it
 		// The last units go to requests that wait for them, here or on another
 		// sidecar, not ahead of need to a sidecar whose traffic may have stopped.
 		leftLast = need == 0 && free > 0 && free < 2*holders
 		if need == 0 && free < 2*holders {
 			return 0
 		}
-		return m.size(l, free, holders, max(need, 1))
+		n := m.size(l, free, holders, max(need, 1))
+		if n > 0 {
+			n = max(n, min(j.demand.Load(), free)) // every request that waits, if the bucket has it
+		}
+		return n
 	})
 	switch {
 	case err != nil:
@@ -204,8 +224,12 @@ func (m *Manager) refill(l *lease, need, limit int64, rev uint64) limiter.QuotaR
 	case n > 0:
 		m.st.refills.Add(1)
 		return limiter.QuotaGranted
-	case l.c.Lease() >= max(need, 1):
-		return limiter.QuotaGranted // a reconciliation found quota that was ours
+	}
+	// A reconciliation may have found quota that was ours. A refill ahead of need that
+	// found nothing is not granted for the units left from before: it backs off (runJob)
+	// rather than read the key again at every request until they are spent.
+	if need = max(need, j.need.Load()); need == 0 && l.c.Lease() >= max(l.c.LeaseLow(), 1) || need > 0 && l.c.Lease() >= need {
+		return limiter.QuotaGranted
 	}
 	if !leftLast {
 		m.st.exhausted.Add(1)
@@ -275,6 +299,11 @@ func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64,
 		}
 	}
 	start := m.now()
+	if refill && start.Sub(l.lostAt) < contended {
+		// Other sidecars write the key too: the value last written is most likely
+		// stale, and a write with it would cost a lost round trip before the read.
+		l.value = nil
+	}
 	for range maxConflicts {
 		v, vrev := l.value, l.valRev
 		fresh := v == nil
@@ -311,7 +340,7 @@ func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64,
 		newRev, err := m.write(ctx, b, l.kvKey, v, vrev, l.end)
 		if errors.Is(err, errConflict) {
 			m.st.conflicts.Add(1)
-			l.value = nil
+			l.value, l.lostAt = nil, m.now()
 			continue
 		}
 		if err != nil {
@@ -421,7 +450,10 @@ func (m *Manager) size(l *lease, free, holders, need int64) int64 {
 		l.rateAt, l.rateUse = now, used
 	}
 	grow := min(m.opts.MaxLease, max(2*l.size, m.opts.MinLease))
-	return leaseSize(l.rate, m.opts.LeasePeriod, m.opts.MinLease, grow, m.opts.MaxLease, free, holders, need)
+	// What the recent rate uses while the next refill is under way: a lease of less
+	// would leave this sidecar with less after each refill than before it.
+	keep := int64(l.rate * time.Duration(m.rtt.Load()).Seconds())
+	return leaseSize(l.rate, m.opts.LeasePeriod, m.opts.MinLease, grow, m.opts.MaxLease, free, holders, need, keep)
 }
 
 // farShare is the part of what is left, per sidecar, that a lease takes at least. Far
@@ -439,14 +471,18 @@ const farShare = 16
 //     over a few refills, not at once on a rate measured over a few requests);
 //  2. by what is left: at least free/(farShare·holders), at most capLease (max_lease);
 //     this is the size far from the limit, where it is larger than step 1;
-//  3. near the limit: at most free/(2·holders), down to 1 unit, so that no sidecar
-//     sits on the last units while another is refused; this is smaller than steps 1
-//     and 2 only when what is left is small (free < 2·holders·lease);
+//  3. near the limit: at most free/(2·holders), or keep if more (what the recent
+//     rate uses while a refill is under way) within an equal share free/holders; down
+//     to 1 unit, so that no sidecar sits on the last units while another is refused;
+//     this is smaller than steps 1 and 2 only when what is left is small
+//     (free < 2·holders·lease). Without keep, a sidecar whose traffic spends more in
+//     a refill's round trip than free/(2·holders) would end each refill holding less
+//     than before it, down to nothing, and its requests would wait for the refills;
 //  4. at least need, at most free; 0 when free cannot cover need.
 //
 // The grants of the fleet never add up to more than the limit whatever this returns:
 // a grant is raised by compare-and-set only within free.
-func leaseSize(rate float64, period time.Duration, minLease, grow, capLease, free, holders, need int64) int64 {
+func leaseSize(rate float64, period time.Duration, minLease, grow, capLease, free, holders, need, keep int64) int64 {
 	if free < need || free <= 0 {
 		return 0
 	}
@@ -457,7 +493,7 @@ func leaseSize(rate float64, period time.Duration, minLease, grow, capLease, fre
 		n = max(int64(want), minLease)
 	}
 	n = max(n, min(free/(farShare*holders), capLease))
-	n = min(n, max(free/(2*holders), 1))
+	n = min(n, max(free/(2*holders), min(keep, free/holders), 1))
 	return min(max(n, need), free)
 }
 

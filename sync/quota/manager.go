@@ -130,7 +130,7 @@ type Manager struct {
 	st struct {
 		refills, refillErrors, returns, exhausted, conflicts, asks, yields atomic.Uint64
 		returned                                                           atomic.Int64
-		waits                                                              [len(WaitBuckets) + 1]atomic.Uint64
+		waits, grantedWaits                                                [len(WaitBuckets) + 1]atomic.Uint64 // grantedWaits: those that ended with quota granted
 	}
 }
 
@@ -151,12 +151,15 @@ func (m *Manager) Waits() []uint64 {
 	return out
 }
 
-func (m *Manager) noteWait(d time.Duration) {
+func (m *Manager) noteWait(d time.Duration, res limiter.QuotaResult) {
 	i := 0
 	for i < len(WaitBuckets) && d > WaitBuckets[i] {
 		i++
 	}
 	m.st.waits[i].Add(1)
+	if res == limiter.QuotaGranted {
+		m.st.grantedWaits[i].Add(1)
+	}
 }
 
 var _ limiter.Quota = (*Manager)(nil)
@@ -375,13 +378,14 @@ func (m *Manager) Acquire(s *limiter.Snapshot, f *limiter.Feature, c *limiter.Co
 
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
-	defer func() { m.noteWait(m.now().Sub(t)) }()
+	res := limiter.QuotaUnreachable
 	select {
 	case <-j.done:
-		return j.res
+		res = j.res
 	case <-timer.C:
-		return limiter.QuotaUnreachable
 	}
+	m.noteWait(m.now().Sub(t), res)
+	return res
 }
 
 // refillReq is a refill asked for ahead of need.
@@ -453,6 +457,7 @@ func (m *Manager) OnChange(old, new *limiter.Snapshot) {
 			m.giveBackLocked(l)
 		case limit > before:
 			l.exhaustedUntil = 0
+			l.aheadUntil.Store(0)
 		}
 	}
 }

@@ -311,11 +311,11 @@ func (m *Manager) answer(reply string, returned, kept int64) {
 // more: with what they gave back, or what another holder gave back to another asker
 // between this job's read and its ask (that holder then answers 0: it holds nothing
 // any more).
-func (m *Manager) askAfter(l *lease, need, limit int64, rev uint64) limiter.QuotaResult {
+func (m *Manager) askAfter(l *lease, j *job, need, limit int64, rev uint64) limiter.QuotaResult {
 	if _, answered := m.ask(l, need); !answered {
 		return limiter.QuotaExhausted
 	}
 	l.refilling.Store(true)
 	defer l.refilling.Store(false)
-	return m.refill(l, need, limit, rev)
+	return m.refill(l, j, need, limit, rev)
 }
