@@ -97,10 +97,15 @@ func TestOnChange(t *testing.T) {
 	e.r = r
 	e.waitReady()
 	e.r = nil
-	e.put("c1", doc("c1", 1))
-	e.put("c1", doc("c1", 2))
-	e.del("c1")
-	for _, want := range []change{{-1, 1}, {1, 2}, {2, -1}} {
+	// One change at a time: a replica that falls behind (a resync under load) applies
+	// the newest value of a key and may rightly skip the ones between.
+	for i, want := range []change{{-1, 1}, {1, 2}, {2, -1}} {
+		switch i {
+		case 0, 1:
+			e.put("c1", doc("c1", int(want.new)))
+		default:
+			e.del("c1")
+		}
 		select {
 		case got := <-ch:
 			if got != want {
