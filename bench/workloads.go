@@ -17,17 +17,14 @@ import (
 type sidecarSpec struct {
 	listen, admin, upstream, dataDir string
 	snapshots                        string   // entitlements.file; "" for none
-	natsListen                       string   // the embedded NATS server's address; "" for the default
-	natsURLs                         []string // external NATS instead of the embedded server
+	natsURLs                         []string // the NATS servers to connect to; none: no nats section
 	usageOff                         bool     // usage.enabled: false
 }
 
 // sidecarConfig is the YAML the sidecar runs with. The server and upstream sections
 // keep config.Default's values, which the bare proxy copies.
-// natsListen is the embedded NATS server's address, so that parallel sidecars (and
-// anything else on the machine) never share the default port; with natsURLs the sidecar
-// connects to them instead. usageOff writes usage.enabled: false, a key that only builds
-// with usage accounting know.
+// natsURLs are the sidecar's NATS servers (its own natssrv, or a fleet's). usageOff
+// writes usage.enabled: false, a key that only builds with usage accounting know.
 func sidecarConfig(sp sidecarSpec) string {
 	r := strings.NewReplacer("LISTEN", sp.listen, "ADMIN", sp.admin, "UPSTREAM", sp.upstream, "DATA", sp.dataDir, "SNAPS", sp.snapshots)
 	cfg := r.Replace(`# Written by the bench harness (bench/workloads.go).
@@ -68,11 +65,8 @@ log:
   level: warn
   format: json
 `)
-	switch {
-	case len(sp.natsURLs) > 0:
+	if len(sp.natsURLs) > 0 {
 		cfg += "nats:\n  urls: [\"" + strings.Join(sp.natsURLs, "\", \"") + "\"]\n"
-	case sp.natsListen != "":
-		cfg += "nats:\n  embedded_listen: \"" + sp.natsListen + "\"\n"
 	}
 	if sp.usageOff {
 		cfg += "usage:\n  enabled: false\n"

@@ -209,6 +209,22 @@ func TestSegmentPastTheEnd(t *testing.T) {
 	checkTotals(t, e.js, want)
 }
 
+// appendBatchHeader and appendBatchEntry encode a batch as an earlier version wrote it
+// (see decodeBatch), to test migrateBatches.
+func appendBatchHeader(b []byte, at int64, n int) []byte {
+	b = append(b, batchVersion)
+	b = binary.BigEndian.AppendUint64(b, uint64(at))
+	return binary.AppendUvarint(b, uint64(n))
+}
+
+func appendBatchEntry(b []byte, k *limiter.CounterKey, d *delta) []byte {
+	b = appendCK(b, k)
+	b = binary.BigEndian.AppendUint64(b, uint64(d.end))
+	b = binary.AppendUvarint(b, uint64(d.records))
+	b = binary.AppendVarint(b, d.quantity)
+	return binary.AppendVarint(b, d.overage)
+}
+
 // Outbox batches that an earlier version kept in Badger (u/o/b/) move into folded
 // totals at New, once: they are restored, published once, and deleted.
 func TestMigrateBatches(t *testing.T) {

@@ -177,20 +177,6 @@ func batchSeq(key []byte) uint64 {
 // quantity:varint | overage:varint).
 const batchVersion = 1
 
-func appendBatchHeader(b []byte, at int64, n int) []byte {
-	b = append(b, batchVersion)
-	b = binary.BigEndian.AppendUint64(b, uint64(at))
-	return binary.AppendUvarint(b, uint64(n))
-}
-
-func appendBatchEntry(b []byte, k *limiter.CounterKey, d *delta) []byte {
-	b = appendCK(b, k)
-	b = binary.BigEndian.AppendUint64(b, uint64(d.end))
-	b = binary.AppendUvarint(b, uint64(d.records))
-	b = binary.AppendVarint(b, d.quantity)
-	return binary.AppendVarint(b, d.overage)
-}
-
 // decodeBatch calls fn for each entry of a batch value.
 func decodeBatch(v []byte, fn func(k limiter.CounterKey, d delta)) error {
 	if len(v) == 0 || v[0] != batchVersion {
