@@ -248,17 +248,26 @@ func checkOnce(t testing.TB, js jetstream.JetStream) []streamMsg {
 // hammer records from n goroutines until stop is closed, each Record a request with
 // two features, and adds what was recorded to l. It returns when all have stopped.
 func hammer(r *Recorder, l *ledger, n int, stop <-chan struct{}) (wait func() error) {
+	return hammerAt(r, l, n, 0, stop)
+}
+
+// hammerAt is hammer at about perSecond Records a second in all (0: as fast as they go).
+func hammerAt(r *Recorder, l *ledger, n, perSecond int, stop <-chan struct{}) (wait func() error) {
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for g := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			start := time.Now()
 			for i := 0; ; i++ {
 				select {
 				case <-stop:
 					return
 				default:
+				}
+				if perSecond > 0 && i%64 == 0 {
+					time.Sleep(time.Until(start.Add(time.Duration(i) * time.Second * time.Duration(n) / time.Duration(perSecond))))
 				}
 				us := []limiter.Usage{
 					use(fmt.Sprintf("cust_%d", (g+i)%7), "api_calls", -1, 1, int64(i%2)),
