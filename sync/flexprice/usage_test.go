@@ -31,13 +31,26 @@ func (e *env) publish(m usage.Message) string {
 // drained waits until the bridge's consumer has acknowledged every message.
 func (e *env) drained() {
 	e.t.Helper()
+	// NumPending alone is not enough: the server counts a new message towards a
+	// consumer's pending asynchronously, so right after a publish it can read 0. The ack
+	// floor reaching the stream's last sequence cannot be early.
+	ctx := context.Background()
 	e.eventually(15*time.Second, "every usage message acknowledged", func() bool {
-		ci, err := e.js.Consumer(context.Background(), usage.Stream, ConsumerName)
+		st, err := e.js.Stream(ctx, usage.Stream)
 		if err != nil {
 			return false
 		}
-		info, err := ci.Info(context.Background())
-		return err == nil && info.NumPending == 0 && info.NumAckPending == 0
+		si, err := st.Info(ctx)
+		if err != nil {
+			return false
+		}
+		ci, err := e.js.Consumer(ctx, usage.Stream, ConsumerName)
+		if err != nil {
+			return false
+		}
+		info, err := ci.Info(ctx)
+		return err == nil && info.NumPending == 0 && info.NumAckPending == 0 &&
+			info.AckFloor.Stream >= si.State.LastSeq
 	})
 }
 
