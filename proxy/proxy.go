@@ -71,6 +71,8 @@ type Proxy struct {
 	access   *accessLog
 	states   sync.Pool // *reqState
 	closed   atomic.Bool
+	lnMu     sync.Mutex     // protects lns, and orders Serve against Shutdown
+	lns      []net.Listener // every listener Serve was given
 	serveErr chan error
 }
 
@@ -191,8 +193,17 @@ func Listen(addr string) (net.Listener, error) {
 	return ln, nil
 }
 
-// Serve serves requests on ln until Shutdown.
+// Serve serves requests on ln until Shutdown. After Shutdown it closes ln and returns
+// nil at once.
 func (p *Proxy) Serve(ln net.Listener) error {
+	p.lnMu.Lock()
+	if p.closed.Load() {
+		p.lnMu.Unlock()
+		ln.Close()
+		return nil
+	}
+	p.lns = append(p.lns, ln)
+	p.lnMu.Unlock()
 	err := p.server.Serve(ln)
 	if p.closed.Load() {
 		return nil
@@ -203,8 +214,16 @@ func (p *Proxy) Serve(ln net.Listener) error {
 // Shutdown stops accepting connections and waits, until ctx is done, for the requests
 // in flight to finish. It is safe to call twice.
 func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.lnMu.Lock()
 	p.closed.Store(true)
+	lns := p.lns
+	p.lnMu.Unlock()
 	err := p.server.ShutdownWithContext(ctx)
+	// fasthttp closes only the listeners its Serve has registered: one that Serve was
+	// given but had not registered yet would otherwise be served for ever.
+	for _, ln := range lns {
+		ln.Close()
+	}
 	p.client.CloseIdleConnections()
 	return err
 }
