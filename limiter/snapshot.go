@@ -83,7 +83,8 @@ func (d *SnapshotDoc) Snapshot() (*Snapshot, error) {
 	bad := func(field, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
 	}
-	s := &Snapshot{CustomerID: d.CustomerID, Features: make(map[string]*Feature, len(d.Features))}
+	s, block, strs := allocSnapshot(len(d.Features), d.packedBytes())
+	s.CustomerID, s.Features = d.CustomerID, make(map[string]*Feature, len(d.Features))
 	if err := CheckCustomerID(d.CustomerID); err != nil {
 		bad("customer_id", "%v", err)
 	}
@@ -132,8 +133,8 @@ func (d *SnapshotDoc) Snapshot() (*Snapshot, error) {
 			bad(path, "%v", err)
 			continue
 		}
-		f, ferrs := fd.feature(key)
-		for _, e := range ferrs {
+		f := &block[len(s.Features)]
+		for _, e := range fd.feature(key, f) {
 			errs = append(errs, fmt.Errorf("%s.%w", path, e))
 		}
 		s.Features[key] = f
@@ -153,16 +154,29 @@ func (d *SnapshotDoc) Snapshot() (*Snapshot, error) {
 	if len(errs) > 0 {
 		return nil, &SnapshotError{CustomerID: d.CustomerID, Problems: errs}
 	}
-	s.Index()
+	s.pack(strs)
 	return s, nil
 }
 
-func (fd *FeatureDoc) feature(key string) (*Feature, []error) {
+// packedBytes is at least what pack will need for the snapshot of d.
+func (d *SnapshotDoc) packedBytes() int {
+	n := len(d.CustomerID)
+	for key, fd := range d.Features {
+		n += len(key) + len(fd.ConfigValue) // a compacted config value is no longer
+		for _, v := range fd.StaticValues {
+			n += len(v) + len(", ")
+		}
+	}
+	return n
+}
+
+// feature validates fd and fills f, which must be zero, with the feature it describes.
+func (fd *FeatureDoc) feature(key string, f *Feature) []error {
 	var errs []error
 	bad := func(field, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
 	}
-	f := &Feature{Key: key}
+	f.Key = key
 	switch fd.Type {
 	case "boolean":
 		f.Type = Boolean
@@ -226,7 +240,7 @@ func (fd *FeatureDoc) feature(key string) (*Feature, []error) {
 			bad("config_value", "%v", err)
 		}
 	}
-	return f, errs
+	return errs
 }
 
 // SnapshotError is a snapshot rejected whole, with every problem found in it.
