@@ -5,6 +5,7 @@ import (
 	"hash/maphash"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/hashicorp/golang-lru/v2/simplelru"
@@ -42,10 +43,74 @@ type table struct {
 const nShards = 64
 
 type idShard struct {
-	mu  sync.RWMutex // protects m and gen
-	m   map[string]*entry
+	mu  sync.RWMutex // protects m, gen and the entries' next
+	m   idMap
 	gen uint64 // bumped after every committed change of a customer in this shard
 	_   [128 - 40]byte
+}
+
+// idMap finds entries by the 64-bit hash of their customer id, the same hash that
+// chose the shard. Entries whose ids share a hash are chained through next. A lookup
+// reads the map's group, then the entry, which holds its id: with a map keyed by the id
+// string, comparing keys would read the key's bytes from a third place in memory, a
+// cache miss per request once there are more customers than the CPU's caches hold.
+type idMap map[uint64]*entry
+
+func (m idMap) get(h uint64, id []byte) *entry {
+	for e := m[h]; e != nil; e = e.next {
+		if e.id == string(id) {
+			return e
+		}
+	}
+	return nil
+}
+
+func (m idMap) getString(h uint64, id string) *entry {
+	for e := m[h]; e != nil; e = e.next {
+		if e.id == id {
+			return e
+		}
+	}
+	return nil
+}
+
+// put adds e, in place of an entry of the same id.
+func (m idMap) put(h uint64, e *entry) {
+	var prev *entry
+	for cur := m[h]; cur != nil; prev, cur = cur, cur.next {
+		if cur.id == e.id {
+			e.next = cur.next
+			if prev == nil {
+				m[h] = e
+			} else {
+				prev.next = e
+			}
+			cur.next = nil
+			return
+		}
+	}
+	e.next = m[h]
+	m[h] = e
+}
+
+// remove takes e out, if it is there.
+func (m idMap) remove(h uint64, e *entry) {
+	var prev *entry
+	for cur := m[h]; cur != nil; prev, cur = cur, cur.next {
+		if cur != e {
+			continue
+		}
+		switch {
+		case prev != nil:
+			prev.next = cur.next
+		case cur.next != nil:
+			m[h] = cur.next
+		default:
+			delete(m, h)
+		}
+		cur.next = nil
+		return
+	}
 }
 
 type keyShard struct {
@@ -57,16 +122,32 @@ type keyShard struct {
 
 // entry is one customer in memory.
 type entry struct {
-	id      string
-	neg     bool                             // a negative entry: the customer is unknown
 	snap    atomic.Pointer[limiter.Snapshot] // nil for negative and dropped entries
 	touched atomic.Uint64                    // table.ticks when the LRU last heard of it
+	next    *entry                           // the next entry whose id has the same hash
+	id      string                           // in idb when it fits
+	neg     bool                             // a negative entry: the customer is unknown
+	idb     [inlineID]byte
+}
+
+// inlineID is the longest customer id an entry holds in itself.
+const inlineID = 48
+
+func newEntry(id string, neg bool) *entry {
+	e := &entry{neg: neg}
+	if len(id) > 0 && len(id) <= inlineID {
+		n := copy(e.idb[:], id)
+		e.id = unsafe.String(&e.idb[0], n)
+	} else {
+		e.id = id
+	}
+	return e
 }
 
 func newTable(size, negSize int) *table {
 	t := &table{seed: maphash.MakeSeed(), size: size, negSize: negSize, promoteAfter: uint64(size / 4)}
 	for i := range t.ids {
-		t.ids[i].m = make(map[string]*entry)
+		t.ids[i].m = make(idMap)
 		t.keys[i].m = make(map[[sha256.Size]byte]*entry)
 	}
 	t.lru, _ = simplelru.NewLRU[string, *entry](size, nil)
@@ -75,12 +156,15 @@ func newTable(size, negSize int) *table {
 	return t
 }
 
-func (t *table) idShard(id []byte) *idShard {
-	return &t.ids[maphash.Bytes(t.seed, id)%nShards]
+// idShard returns id's shard and the hash that finds it there.
+func (t *table) idShard(id []byte) (*idShard, uint64) {
+	h := maphash.Bytes(t.seed, id)
+	return &t.ids[h%nShards], h
 }
 
-func (t *table) idShardString(id string) *idShard {
-	return &t.ids[maphash.String(t.seed, id)%nShards]
+func (t *table) idShardString(id string) (*idShard, uint64) {
+	h := maphash.String(t.seed, id)
+	return &t.ids[h%nShards], h
 }
 
 func (t *table) keyShard(sum *[sha256.Size]byte) *keyShard {
@@ -89,9 +173,9 @@ func (t *table) keyShard(sum *[sha256.Size]byte) *keyShard {
 
 // get is the request path: it allocates nothing. hit is false when Badger must be asked.
 func (t *table) get(id []byte) (s *limiter.Snapshot, hit bool) {
-	sh := t.idShard(id)
+	sh, h := t.idShard(id)
 	sh.mu.RLock()
-	e := sh.m[string(id)]
+	e := sh.m.get(h, id)
 	sh.mu.RUnlock()
 	if e == nil {
 		return nil, false
@@ -148,7 +232,7 @@ func (t *table) touch(e *entry) {
 
 // gen returns the generation of id's shard, to pass to fill.
 func (t *table) gen(id string) uint64 {
-	sh := t.idShardString(id)
+	sh, _ := t.idShardString(id)
 	sh.mu.RLock()
 	defer sh.mu.RUnlock()
 	return sh.gen
@@ -158,19 +242,19 @@ func (t *table) gen(id string) uint64 {
 // customer's shard changed since gen was read: then ok is false and the caller reads
 // again. It returns the entry in the table, which may be one another miss put there.
 func (t *table) fill(id string, gen uint64, s *limiter.Snapshot) (e *entry, ok bool) {
-	sh := t.idShardString(id)
+	sh, h := t.idShardString(id)
 	sh.mu.Lock()
 	if sh.gen != gen {
 		sh.mu.Unlock()
 		return nil, false
 	}
-	if cur := sh.m[id]; cur != nil && (cur.neg || cur.snap.Load() != nil) {
+	if cur := sh.m.getString(h, id); cur != nil && (cur.neg || cur.snap.Load() != nil) {
 		sh.mu.Unlock()
 		return cur, true
 	}
-	e = &entry{id: id, neg: s == nil}
+	e = newEntry(id, s == nil)
 	e.snap.Store(s)
-	sh.m[id] = e
+	sh.m.put(h, e)
 	sh.mu.Unlock()
 
 	var evicted [2]*entry
@@ -241,11 +325,9 @@ func (t *table) keyGen(sum *[sha256.Size]byte) uint64 {
 
 // drop removes an entry that left the LRU, and the API keys that point to it.
 func (t *table) drop(e *entry) {
-	sh := t.idShardString(e.id)
+	sh, h := t.idShardString(e.id)
 	sh.mu.Lock()
-	if sh.m[e.id] == e {
-		delete(sh.m, e.id)
-	}
+	sh.m.remove(h, e)
 	sh.mu.Unlock()
 	if s := e.snap.Load(); s != nil {
 		for i := range s.APIKeys {
@@ -271,15 +353,15 @@ func (t *table) changed(id string, s *limiter.Snapshot, oldKeys [][sha256.Size]b
 			t.keyChanged(&s.APIKeys[i])
 		}
 	}
-	sh := t.idShardString(id)
+	sh, h := t.idShardString(id)
 	sh.mu.Lock()
-	e := sh.m[id]
+	e := sh.m.getString(h, id)
 	var gone *entry
 	if e != nil {
 		if !e.neg && s != nil {
 			prev = e.snap.Swap(s)
 		} else {
-			delete(sh.m, id)
+			sh.m.remove(h, e)
 			if !e.neg {
 				prev = e.snap.Swap(nil)
 				gone = e

@@ -2,6 +2,8 @@ package replica
 
 import (
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -188,4 +190,53 @@ func TestFillAfterChangeIsRefused(t *testing.T) {
 	if _, hit := tab.get([]byte("a")); hit || tab.len() != 0 {
 		t.Fatal("revoked customer still cached")
 	}
+}
+
+// TestIDMapCollisions: ids whose hashes collide share a chain, and each is found,
+// replaced and removed on its own. Real collisions of 64-bit hashes are too rare to
+// meet, so the test gives every id the same hash.
+func TestIDMapCollisions(t *testing.T) {
+	m := make(idMap)
+	const h = 42
+	long := strings.Repeat("x", inlineID+1) // held outside the entry
+	ids := []string{"cust_a", "cust_b", long, "cust_c"}
+	for _, id := range ids {
+		m.put(h, newEntry(id, false))
+	}
+	check := func(want ...string) {
+		t.Helper()
+		for _, id := range ids {
+			e := m.get(h, []byte(id))
+			if found := e != nil; found != slices.Contains(want, id) {
+				t.Fatalf("%s: found %v, want %v", id[:min(len(id), 8)], found, !found)
+			}
+			if e != nil && (e.id != id || m.getString(h, id) != e) {
+				t.Fatalf("%s: entry of %q", id, e.id)
+			}
+		}
+		n := 0
+		for e := m[h]; e != nil; e = e.next {
+			n++
+		}
+		if n != len(want) || (n == 0) != (len(m) == 0) {
+			t.Fatalf("chain of %d (map of %d), want %d", n, len(m), len(want))
+		}
+	}
+	check(ids...)
+	b2 := newEntry("cust_b", true)
+	m.put(h, b2) // replaces cust_b in the middle of the chain
+	if m.getString(h, "cust_b") != b2 {
+		t.Fatal("cust_b not replaced")
+	}
+	check(ids...)
+	m.remove(h, newEntry("cust_a", false)) // another entry of the same id: not there
+	check(ids...)
+	m.remove(h, m.getString(h, "cust_c")) // the head
+	check("cust_a", "cust_b", long)
+	m.remove(h, b2) // the middle
+	check("cust_a", long)
+	m.remove(h, m.getString(h, "cust_a")) // the tail
+	check(long)
+	m.remove(h, m.getString(h, long)) // the last
+	check()
 }
