@@ -199,7 +199,7 @@ func badgerOptions(dir string, budget int64, log *zap.Logger) badger.Options {
 		WithLogger(badgerLogger{log.Named("badger").Sugar()}).
 		WithMemTableSize(budget / 8).
 		WithNumMemtables(2).
-		WithBlockCacheSize(budget / 4).
+		WithBlockCacheSize(0). // blocks are read in place from the mapping; see the package doc
 		WithCompression(options.None).
 		WithNumLevelZeroTables(4).
 		WithNumLevelZeroTablesStall(12).
