@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -544,5 +545,8 @@ func (m *Manager) walk(buf []*lease, fn func(*lease)) []*lease {
 			fn(l)
 		}
 		clear(buf) // hold no lease past the walk
+		// A walk of thousands of leases is milliseconds of work: let the requests
+		// queued behind it on this P run between chunks.
+		runtime.Gosched()
 	}
 }
