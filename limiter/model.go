@@ -105,9 +105,9 @@ type Feature struct {
 //
 // Layout: with 10,000 customers, the request path reads most customers' data from
 // memory, not from the CPU's caches, and each separate allocation it touches costs a
-// cache and TLB miss. So ParseSnapshot allocates a snapshot and its features as one
-// block (allocSnapshot), puts the strings the request path reads in one buffer (pack),
-// and keeps a small feature index inside the struct, next to CustomerID.
+// cache and TLB miss. So ParseSnapshot allocates a snapshot, its features and the
+// strings the request path reads as one block (allocSnapshot, pack), and keeps a small
+// feature index inside the struct, next to CustomerID.
 type Snapshot struct {
 	CustomerID string
 
