@@ -1,40 +1,26 @@
 package proxy
 
 import (
-	"bytes"
 	"encoding/json"
 	"io"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/gatehouse-dev/gatehouse/config"
+	"github.com/gatehouse-dev/gatehouse/internal/testutil"
 	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
 
-// chkBuffer is a WriteSyncer that tests read lines from.
-type chkBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *chkBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *chkBuffer) Sync() error { return nil }
+// chkBuffer is a WriteSyncer that tests read log lines from.
+type chkBuffer struct{ testutil.Buffer }
 
 func (b *chkBuffer) lines(t *testing.T) []map[string]any {
 	t.Helper()
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	var out []map[string]any
-	for _, l := range strings.Split(strings.TrimSpace(b.buf.String()), "\n") {
+	for _, l := range strings.Split(strings.TrimSpace(b.Take()), "\n") {
 		if l == "" {
 			continue
 		}
@@ -44,7 +30,6 @@ func (b *chkBuffer) lines(t *testing.T) []map[string]any {
 		}
 		out = append(out, m)
 	}
-	b.buf.Reset()
 	return out
 }
 
