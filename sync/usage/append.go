@@ -45,7 +45,7 @@ func appendRecord(b []byte, at int64, us []limiter.Usage) []byte {
 
 // logEntry is one usage of a log record.
 type logEntry struct {
-	k        limiter.CounterKey
+	key      *keySlot // its counter key
 	end      int64
 	quantity int64
 	limited  bool
@@ -53,9 +53,9 @@ type logEntry struct {
 }
 
 // decodeRecord calls fn with each usage of a log record, and returns the record's time.
-// Customer and feature names go through intern, so that decoding allocates only for
-// names it has not seen; the entry is valid during the call.
-func decodeRecord(v []byte, intern *interner, fn func(at int64, e *logEntry)) error {
+// Counter keys go through keys, so that decoding allocates only for keys it has not
+// seen; the entry is valid during the call.
+func decodeRecord(v []byte, keys *keyTable, fn func(at int64, e *logEntry)) error {
 	if len(v) == 0 || v[0] != recordVersion {
 		return fmt.Errorf("%w: log record version", errCorrupt)
 	}
@@ -64,9 +64,7 @@ func decodeRecord(v []byte, intern *interner, fn func(at int64, e *logEntry)) er
 	n := d.uvarint()
 	var e logEntry
 	for i := uint64(0); i < n && d.err == nil; i++ {
-		e.k.Customer = intern.str(&d)
-		e.k.Feature = intern.str(&d)
-		e.k.WindowStart = int64(d.u64())
+		e.key = keys.slot(&d)
 		e.end = int64(d.u64())
 		e.quantity = d.varint()
 		if len(d.b) == 0 {
@@ -86,24 +84,47 @@ func decodeRecord(v []byte, intern *interner, fn func(at int64, e *logEntry)) er
 	return d.err
 }
 
-// interner hands out one string per distinct name read from the log.
-type interner struct{ m map[string]string }
+// keyTable hands out one keySlot per distinct encoded counter key read from the log:
+// the key decoded once, and its place in the delta set being filled, so that the
+// publisher looks up each usage it reads once, by the key's bytes.
+type keyTable struct {
+	m   map[string]*keySlot
+	gen uint64 // the last deltaSet's generation
+}
 
-func (in *interner) str(d *decoder) string {
-	n := d.uvarint()
-	if d.err != nil || uint64(len(d.b)) < n {
-		d.err = errCorrupt
-		return ""
+type keySlot struct {
+	k   limiter.CounterKey
+	gen uint64 // the deltaSet that i is a position in
+	i   int
+}
+
+// slot reads an encoded counter key from d and returns its slot.
+func (t *keyTable) slot(d *decoder) *keySlot {
+	b := d.b
+	raw := decoder{b: b}
+	for range 2 {
+		n := raw.uvarint()
+		if raw.err != nil || uint64(len(raw.b)) < n {
+			d.err = errCorrupt
+			return nil
+		}
+		raw.b = raw.b[n:]
 	}
-	b := d.b[:n]
-	d.b = d.b[n:]
-	if s, ok := in.m[string(b)]; ok {
+	raw.u64()
+	if raw.err != nil {
+		d.err = raw.err
+		return nil
+	}
+	key := b[:len(b)-len(raw.b)]
+	d.b = raw.b
+	if s, ok := t.m[string(key)]; ok {
 		return s
 	}
-	if in.m == nil || len(in.m) > 1<<20 {
-		in.m = make(map[string]string) // forget names of the past rather than grow forever
+	if t.m == nil || len(t.m) > 1<<20 {
+		t.m = make(map[string]*keySlot) // forget keys of the past rather than grow forever
 	}
-	s := string(b)
-	in.m[s] = s
+	kd := decoder{b: key}
+	s := &keySlot{k: kd.ck()}
+	t.m[string(key)] = s
 	return s
 }

@@ -3,6 +3,7 @@ package usage
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -180,5 +181,47 @@ func BenchmarkRecordOpenLoop(b *testing.B) {
 				b.StartTimer()
 			}
 		})
+	}
+}
+
+// BenchmarkPublisherCost measures what the publisher costs per request, as the steady
+// bench scenario loads it: each round is one flush interval's worth of requests over
+// 10,000 customers (two usages each, one hard-limited), then the flush that publishes
+// them; at the end everything acknowledged is settled into the counters. cpu-ns/rec is
+// the whole process's CPU (the Record calls, the publisher, Badger and the embedded NATS
+// server) per request. Run it with -benchtime=1x; -count for spread.
+func BenchmarkPublisherCost(b *testing.B) {
+	const customers, perRound, rounds = 10000, 30000, 8
+	us := make([][]limiter.Usage, customers)
+	for i := range us {
+		c := fmt.Sprintf("cust_%05d", i)
+		calls := use(c, "api_calls", -1, 1, 0)
+		calls.Limited, calls.Limit = true, 1<<40
+		us[i] = []limiter.Usage{calls, use(c, "searches", -1, 1, 0)}
+	}
+	for b.Loop() {
+		b.StopTimer()
+		e := newEnv(b)
+		r := e.recorder(func(o *Options) { o.FlushInterval = time.Second; o.MaxOutboxBytes = 1 << 40 })
+		runtime.GC()
+		cpu := cpuTime()
+		b.StartTimer()
+		k := 0
+		for range rounds {
+			for range perRound {
+				if err := r.Record(us[k*7919%customers]); err != nil {
+					b.Fatal(err)
+				}
+				k++
+			}
+			flush(b, r)
+		}
+		eventually(b, "settling", func() bool { return r.Stats().Unsettled == 0 })
+		b.StopTimer()
+		reportWrites(b, r, cpu)
+		s := r.Stats()
+		b.ReportMetric(float64(s.PublishedDeltas)/float64(s.Published), "deltas/msg")
+		r.Close(context.Background())
+		b.StartTimer()
 	}
 }

@@ -28,21 +28,24 @@
 //	u/s/ack       the last acknowledged message: mseq:u64 | stream sequence:u64
 //	u/s/logfloor  log records below this position are in messages or folded totals
 //	              (the segments wholly below it are deleted, after a sync)
-//	u/s/settled   mseq:u64 | index:u64: messages below mseq are settled into the
-//	              counters, and so are the first index deltas of message mseq
+//	u/s/settled   2 | lo:u64 | hi:u64 | 0, or 1 ck: messages below lo are settled into
+//	              the counters; of messages lo..hi (a merged pass under way), the
+//	              deltas of keys before ck are; none above hi (see settleMark)
 //
 // where <ck> is uvarint(len(customer)) customer uvarint(len(feature)) feature
 // windowStart:u64. (u/o/b/ and u/s/floor are an earlier version's batches, moved into
 // outbox totals once at start; see migrateBatches.)
 //
 // Each unit of usage is, at every moment, in exactly one of a log record at or above the
-// floor, a folded total, a message at or past the settle mark, and a counter: the cut
-// writes a message and raises the floor in one transaction; a fold writes totals and
-// raises the floor in one; each settle step adds some of an acknowledged message's
-// deltas to the counters and moves the mark past them in one. So a counter's durable
-// value, which Restore gives the limiter, is the sum of its parts in those four places.
-// Every transaction is the publisher's, and small (the cut writes three entries or so,
-// a settle step 128 counters).
+// floor, a folded total, a message not settled as far as the settle mark says, and a
+// counter: the cut writes a message and raises the floor in one transaction; a fold
+// writes totals and raises the floor in one; each settle step adds some keys' deltas,
+// summed over the acknowledged messages of a merged pass, to the counters and moves the
+// mark past those keys in one. So a counter's durable value, which Restore gives the
+// limiter, is the sum of its parts in those four places. Every transaction is the
+// publisher's, and small (the cut writes three entries or so, a settle step 256
+// counters). A pass merges up to 8 messages (or waits at most 10 s for them), so that a
+// busy key is written once per pass rather than once per message.
 //
 // Overage of a limited feature is computed as records leave the log, from the key's
 // durable total in log order, which is the order in which usage became durable.

@@ -92,6 +92,7 @@ func (e *env) build(opt ...func(*Options)) *Recorder {
 	}
 	r.minBackoff, r.maxBackoff, r.conflictBackoff = 10*time.Millisecond, 100*time.Millisecond, 200*time.Millisecond
 	r.requestTimeout = time.Second
+	r.settleAfter = 50 * time.Millisecond // several messages per settling pass, soon enough for eventually
 	return r
 }
 

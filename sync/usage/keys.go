@@ -1,9 +1,12 @@
 package usage
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/gatehouse-dev/gatehouse/limiter"
 )
@@ -290,22 +293,93 @@ func decodeMessageValue(v []byte) (messageValue, error) {
 	return m, d.err
 }
 
-// settleMark is how far acknowledged messages are settled into the counters: messages
-// below seq are, and so are the first index deltas of message seq.
+// settleMark is how far acknowledged messages are settled into the counters. Settling
+// merges messages lo..hi into one pass that writes each key once, in key order
+// (compareKeys), a chunk per transaction:
+//
+//   - messages below lo are settled;
+//   - of messages lo..hi, the deltas whose key sorts before key are settled (none of them
+//     when !hasKey);
+//   - messages above hi are not settled.
+//
+// hi < lo when no pass is under way. A mark of the first version (16 bytes: seq | index,
+// one message settled at a time) reads as lo = hi = seq with its first index deltas
+// settled (legacy), which is the same thing since a message's deltas are in key order.
 type settleMark struct {
-	seq   uint64
-	index uint64
+	lo, hi uint64
+	key    limiter.CounterKey
+	hasKey bool
+	legacy bool   // a version-1 mark: index, not key, says how much of message lo is settled
+	index  uint64 // legacy only
 }
 
+const settleMarkVersion = 2
+
+// idleMark is the mark when messages below next are settled and no pass is under way.
+func idleMark(next uint64) settleMark { return settleMark{lo: next, hi: next - 1} }
+
 func (f settleMark) encode() []byte {
-	b := binary.BigEndian.AppendUint64(make([]byte, 0, 16), f.seq)
-	return binary.BigEndian.AppendUint64(b, f.index)
+	b := make([]byte, 0, 18+ckSize(&f.key)+1)
+	b = append(b, settleMarkVersion)
+	b = binary.BigEndian.AppendUint64(b, f.lo)
+	b = binary.BigEndian.AppendUint64(b, f.hi)
+	if !f.hasKey {
+		return append(b, 0)
+	}
+	return appendCK(append(b, 1), &f.key)
 }
 
 func decodeSettleMark(v []byte) (settleMark, error) {
 	d := decoder{b: v}
-	f := settleMark{seq: d.u64(), index: d.u64()}
+	if len(v) == 16 { // version 1
+		seq, index := d.u64(), d.u64()
+		return settleMark{lo: seq, hi: seq, legacy: true, index: index}, d.err
+	}
+	if len(v) == 0 || v[0] != settleMarkVersion {
+		return settleMark{}, fmt.Errorf("%w: settle mark version", errCorrupt)
+	}
+	d.b = d.b[1:]
+	f := settleMark{lo: d.u64(), hi: d.u64()}
+	if len(d.b) == 0 {
+		return f, errCorrupt
+	}
+	f.hasKey, d.b = d.b[0] == 1, d.b[1:]
+	if f.hasKey {
+		f.key = d.ck()
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.err = errCorrupt
+	}
 	return f, d.err
+}
+
+// unsettled returns the deltas of message seq, es in key order, that are not settled
+// into the counters.
+func (f *settleMark) unsettled(seq uint64, es []batchEntry) []batchEntry {
+	switch {
+	case seq < f.lo:
+		return nil
+	case seq > f.hi:
+		return es
+	case f.legacy:
+		return es[min(f.index, uint64(len(es))):]
+	case !f.hasKey:
+		return es
+	}
+	i, _ := slices.BinarySearchFunc(es, &f.key, func(e batchEntry, k *limiter.CounterKey) int { return compareKeys(&e.k, k) })
+	return es[i:]
+}
+
+// compareKeys orders counter keys by customer, feature and window: the order of a
+// message's deltas and of settling.
+func compareKeys(a, b *limiter.CounterKey) int {
+	if c := strings.Compare(a.Customer, b.Customer); c != 0 { // cmp.Or would compute all three
+		return c
+	}
+	if c := strings.Compare(a.Feature, b.Feature); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.WindowStart, b.WindowStart)
 }
 
 func encodeU64(v uint64) []byte { return binary.BigEndian.AppendUint64(make([]byte, 0, 8), v) }

@@ -1,7 +1,6 @@
 package usage
 
 import (
-	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"maps"
 	"runtime"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -30,6 +28,7 @@ func (r *Recorder) load() error {
 	p := &r.p
 	p.totals = make(map[limiter.CounterKey]*delta)
 	p.counters = make(map[limiter.CounterKey]counter)
+	p.settled = idleMark(1)
 	return r.db.View(func(txn *badger.Txn) error {
 		if err := getValue(txn, keyAck, func(v []byte) (err error) { p.acked, err = decodeAck(v); return err }); err != nil {
 			return err
@@ -57,9 +56,9 @@ func (r *Recorder) load() error {
 				return fmt.Errorf("usage message %d: %w", seq, err)
 			}
 			switch {
-			case seq <= p.acked.seq && !mv.counted && seq >= p.settled.seq:
+			case seq <= p.acked.seq && !mv.counted && seq >= p.settled.lo:
 				// Acknowledged; its deltas are still to be settled into the counters.
-				p.log = append(p.log, &logMsg{seq: seq, entries: mv.entries})
+				p.log = append(p.log, &logMsg{seq: seq, entries: mv.entries, at: time.Now()})
 			case seq <= p.acked.seq:
 				p.dead = append(p.dead, item.KeyCopy(nil)) // acknowledged and counted
 			case seq == p.acked.seq+1 && p.pending == nil:
@@ -168,8 +167,11 @@ func (r *Recorder) shrinkOps(err error, ops int) {
 // estimate of their JSON size. Its index is reused from cut to cut.
 type deltaSet struct {
 	idx     map[limiter.CounterKey]int // key -> position in es
+	gen     uint64                     // the set's generation in p.keys
+	durable map[limiter.CounterKey]*durableTotal
 	es      []batchEntry
 	logged  []int64 // per entry of es: its quantity from the log (not yet in p.durable)
+	before  []int64 // per entry of es: its durable quantity outside the log (p.durable)
 	bytes   int
 	records int64
 }
@@ -181,6 +183,11 @@ func (s *deltaSet) entry(k limiter.CounterKey) int {
 		s.idx[k] = i
 		s.es = append(s.es, batchEntry{k: k})
 		s.logged = append(s.logged, 0)
+		var before int64
+		if t := s.durable[k]; t != nil {
+			before = t.quantity
+		}
+		s.before = append(s.before, before)
 		s.bytes += len(k.Customer) + len(k.Feature) + deltaJSONOverhead
 	}
 	return i
@@ -193,16 +200,17 @@ func (s *deltaSet) add(k limiter.CounterKey, d *delta) {
 
 // addLogged adds one usage of a log record. The overage of a limited feature is the part
 // beyond the limit of the key's durable total in log order: what is outside the log
-// (p.durable), plus what this set took from the log before it.
+// (p.durable, which does not change while a set is filled), plus what this set took
+// from the log before it.
 func (r *Recorder) addLogged(s *deltaSet, at int64, e *logEntry) {
-	i := s.entry(e.k)
+	sl := e.key
+	if sl.gen != s.gen {
+		sl.i, sl.gen = s.entry(sl.k), s.gen
+	}
+	i := sl.i
 	d := delta{end: e.end, from: at, to: at, records: 1, quantity: e.quantity, overage: e.x}
 	if e.limited {
-		var before int64
-		if t := r.p.durable[e.k]; t != nil {
-			before = t.quantity
-		}
-		after := before + s.logged[i] + e.quantity
+		after := s.before[i] + s.logged[i] + e.quantity
 		d.overage = min(max(after-e.x, 0), e.quantity)
 	}
 	s.logged[i] += e.quantity
@@ -254,7 +262,7 @@ func (r *Recorder) readLog(s *deltaSet, end uint64, full func() bool, maxRecords
 		if payload == nil {
 			return after, taken, false, nil
 		}
-		if err := decodeRecord(payload, &r.p.intern, add); err != nil {
+		if err := decodeRecord(payload, &r.p.keys, add); err != nil {
 			return pos, taken, false, fmt.Errorf("usage log record at %d: %w", pos, err)
 		}
 		pos = after
@@ -278,7 +286,8 @@ func (r *Recorder) newSet() deltaSet {
 		p.setIdx = make(map[limiter.CounterKey]int)
 	}
 	clear(p.setIdx)
-	return deltaSet{idx: p.setIdx}
+	p.keys.gen++
+	return deltaSet{idx: p.setIdx, gen: p.keys.gen, durable: p.durable}
 }
 
 // cut moves outbox content into a new pending message, in one transaction: first the
@@ -434,17 +443,9 @@ func (r *Recorder) loadCounters(es []batchEntry) error {
 	})
 }
 
-// sortEntries orders a message's deltas by customer, feature and window.
+// sortEntries orders a message's deltas by customer, feature and window (compareKeys).
 func sortEntries(es []batchEntry) {
-	slices.SortFunc(es, func(a, b batchEntry) int {
-		if c := strings.Compare(a.k.Customer, b.k.Customer); c != 0 { // cmp.Or would compute all three
-			return c
-		}
-		if c := strings.Compare(a.k.Feature, b.k.Feature); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.k.WindowStart, b.k.WindowStart)
-	})
+	slices.SortFunc(es, func(a, b batchEntry) int { return compareKeys(&a.k, &b.k) })
 }
 
 type batchEntry struct {

@@ -31,16 +31,17 @@ type publisher struct {
 	lastFold time.Time                      // last fold of the outbox
 	log      []*logMsg                      // acknowledged messages still to settle into the counters, oldest first
 	settled  settleMark                     // how far they are settled, as in u/s/settled
+	pass     *settlePass                    // the settling pass under way, if any
 	dead     [][]byte                       // keys of entries that are counted elsewhere, to delete (see sweepStep)
 	setIdx   map[limiter.CounterKey]int     // the cut's index, reused
 	houseErr time.Time                      // settling or sweeping failed: no retry before this
 
 	// Overage of limited features is computed as records leave the log, from durable
 	// totals in log order: durable holds every key's durable quantity outside the log
-	// (counters, messages, folded totals). intern shares the names decoded from the log.
+	// (counters, messages, folded totals). keys holds the counter keys read from the log.
 	durable        map[limiter.CounterKey]*durableTotal
 	pruneDurableAt time.Time
-	intern         interner
+	keys           keyTable
 
 	// Coverage, for Flush: every log record below ackedCovers is published.
 	ackedCovers   uint64
@@ -65,7 +66,8 @@ type pending struct {
 // logMsg is an acknowledged message whose deltas are not all settled into the counters.
 type logMsg struct {
 	seq     uint64
-	entries []batchEntry
+	entries []batchEntry // in key order
+	at      time.Time    // when it was acknowledged, or loaded at start
 }
 
 type flushWaiter struct {
@@ -142,17 +144,20 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 	}
 }
 
-// pace is the pause between housekeeping steps: what spreads the settling of the
-// acknowledged messages over half a flush interval, between housePace and 20 ms, so that
-// it keeps up with the load and takes a core for short moments only.
+// pace is the pause before the next housekeeping step. A settling pass under way is
+// spread over half a flush interval, between housePace and 20 ms a step, so that it
+// keeps up with the load and takes a core for short moments only; otherwise the pause
+// lasts until a pass is due by age (a pass due by count starts after the acknowledgement
+// that makes it so).
 func (r *Recorder) pace() time.Duration {
-	left := 0
-	for i, m := range r.p.log {
-		left += len(m.entries)
-		if i == 0 && r.p.settled.seq == m.seq {
-			left -= int(min(r.p.settled.index, uint64(len(m.entries))))
+	p := &r.p
+	if p.pass == nil {
+		if len(p.log) == 0 || r.settleDue(time.Now()) {
+			return r.housePace
 		}
+		return max(r.settleAfter-time.Since(p.log[0].at), r.housePace)
 	}
+	left := len(p.pass.es) - p.pass.pos
 	steps := max(1, (left+r.settleChunk-1)/r.settleChunk)
 	return min(max(r.opts.FlushInterval/2/time.Duration(steps), r.housePace), 20*time.Millisecond)
 }
@@ -323,7 +328,7 @@ func (r *Recorder) acknowledge(streamSeq uint64) error {
 	r.p.acked = next
 	r.p.pending = nil
 	if !p.counted {
-		r.p.log = append(r.p.log, &logMsg{seq: p.seq, entries: p.entries})
+		r.p.log = append(r.p.log, &logMsg{seq: p.seq, entries: p.entries, at: time.Now()})
 		r.st.unsettled.Store(int64(len(r.p.log)))
 	}
 	r.p.ackedCovers = max(r.p.ackedCovers, p.covers)

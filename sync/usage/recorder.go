@@ -75,10 +75,16 @@ type Recorder struct {
 	requestTimeout  time.Duration // one JetStream request
 	// Housekeeping steps are one small transaction each, so that they spread over the
 	// flush interval.
-	settleChunk int           // deltas settled into the counters per transaction
-	sweepChunk  int           // entries counted elsewhere deleted per transaction; 0: none (tests)
-	housePace   time.Duration // pause between housekeeping steps
-	hooks       hooks
+	settleChunk int // keys settled into the counters per transaction
+	// A settling pass merges acknowledged messages (see settleStep): it starts once
+	// settleMessages of them wait, or settleEntries deltas, or the oldest waited
+	// settleAfter.
+	settleMessages int
+	settleEntries  int
+	settleAfter    time.Duration
+	sweepChunk     int           // entries counted elsewhere deleted per transaction; 0: none (tests)
+	housePace      time.Duration // pause between housekeeping steps
+	hooks          hooks
 
 	j        *journal      // the log of committed usage; j.mu also protects state
 	state    int           // stateNew, stateRunning, stateClosed
@@ -164,7 +170,10 @@ func newRecorder(db *badger.DB, dataDir, sidecarID, epoch string, opts Options) 
 		maxBackoff:      5 * time.Second,
 		conflictBackoff: 30 * time.Second,
 		requestTimeout:  5 * time.Second,
-		settleChunk:     128,
+		settleChunk:     256,
+		settleMessages:  8,
+		settleEntries:   1 << 18,
+		settleAfter:     10 * time.Second,
 		sweepChunk:      256,
 		housePace:       time.Millisecond,
 		flushCh:         make(chan *flushWaiter, 16),
@@ -193,11 +202,11 @@ func newRecorder(db *badger.DB, dataDir, sidecarID, epoch string, opts Options) 
 	r.p.pruneDurableAt = opts.Now().Add(time.Minute)
 	logDir := filepath.Join(dataDir, logDirPrefix+epoch)
 	r.j, err = openJournal(logDir, r.p.logFloor, r.log, func(_ uint64, payload []byte) error {
-		return decodeRecord(payload, &r.p.intern, func(_ int64, e *logEntry) {
-			c := sums[e.k]
+		return decodeRecord(payload, &r.p.keys, func(_ int64, e *logEntry) {
+			c := sums[e.key.k]
 			if c == nil {
 				c = &counter{}
-				sums[e.k] = c
+				sums[e.key.k] = c
 			}
 			c.end = max(c.end, e.end)
 			c.quantity += e.quantity
@@ -419,7 +428,7 @@ func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale []
 		c.quantity += qty
 	}
 	err = r.db.View(func(txn *badger.Txn) error { // one snapshot of every place
-		var mark settleMark
+		mark := idleMark(1)
 		if err := getValue(txn, keySettled, func(v []byte) (err error) { mark, err = decodeSettleMark(v); return err }); err != nil {
 			return err
 		}
@@ -442,7 +451,7 @@ func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale []
 		}
 		for it.Seek([]byte(prefixPending)); it.ValidForPrefix([]byte(prefixPending)); it.Next() {
 			seq := binary.BigEndian.Uint64(it.Item().Key()[len(prefixPending):])
-			if seq < mark.seq {
+			if seq < mark.lo {
 				continue // settled; its deletion did not happen (a version-1 message)
 			}
 			err := it.Item().Value(func(v []byte) error {
@@ -450,11 +459,7 @@ func (r *Recorder) durableSums() (sums map[limiter.CounterKey]*counter, stale []
 				if err != nil || mv.counted {
 					return err
 				}
-				from := 0
-				if seq == mark.seq {
-					from = int(min(mark.index, uint64(len(mv.entries))))
-				}
-				for _, e := range mv.entries[from:] {
+				for _, e := range mark.unsettled(seq, mv.entries) {
 					addTo(e.k, e.d.end, e.d.quantity)
 				}
 				return nil

@@ -3,6 +3,7 @@ package usage
 import (
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -37,28 +38,30 @@ func (r *Recorder) houseFailed(what string, err error) {
 	r.log.Warn("usage housekeeping failed; retrying", zap.String("step", what), zap.Error(err))
 }
 
-// settleStep adds up to Recorder.settleChunk deltas of the oldest acknowledged message to the
-// counters, and moves the settle mark past them, in one transaction; the last step of
-// a message deletes it. So each unit is, at every moment, in exactly one of a message
-// at or past the mark and a counter (see Restore).
+// settleStep settles the next chunk of the merged pass under way, starting one when it
+// is due (settleDue): it adds up to Recorder.settleChunk keys' sums to the counters and
+// moves the settle mark past them, in one transaction; the pass's last step deletes its
+// messages. A pass merges several acknowledged messages so that each key is written
+// once per pass, not once per message. So each unit is, at every moment, in exactly one
+// of a message not settled as far as the mark says and a counter (see Restore).
 func (r *Recorder) settleStep() error {
 	p := &r.p
-	if len(p.log) == 0 {
-		return nil
+	if p.pass == nil {
+		if !r.settleDue(time.Now()) {
+			return nil
+		}
+		r.startPass()
 	}
-	m := p.log[0]
-	from := uint64(0)
-	if p.settled.seq == m.seq {
-		from = p.settled.index
-	}
-	to := min(from+uint64(r.settleChunk), uint64(len(m.entries)))
-	chunk := m.entries[from:to]
+	ps := p.pass
+	to := min(ps.pos+r.settleChunk, len(ps.es))
+	chunk := ps.es[ps.pos:to]
 	if err := r.loadCounters(chunk); err != nil {
 		return err
 	}
-	next, done := settleMark{seq: m.seq, index: to}, to == uint64(len(m.entries))
-	if done {
-		next = settleMark{seq: m.seq + 1}
+	done := to == len(ps.es)
+	next := idleMark(ps.hi + 1)
+	if !done {
+		next = settleMark{lo: ps.lo, hi: ps.hi, key: ps.es[to].k, hasKey: true}
 	}
 	updated := make([]counter, len(chunk))
 	var key []byte
@@ -79,12 +82,16 @@ func (r *Recorder) settleStep() error {
 			return err
 		}
 		if done {
-			return txn.Delete(pendingKey(m.seq))
+			for _, m := range p.log[:ps.n] {
+				if err := txn.Delete(pendingKey(m.seq)); err != nil {
+					return err
+				}
+			}
 		}
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("settle message %d: %w", m.seq, err)
+		return fmt.Errorf("settle messages %d to %d: %w", ps.lo, ps.hi, err)
 	}
 	if r.hooks.afterSettle != nil && r.hooks.afterSettle() {
 		r.crashed.Store(true)
@@ -93,10 +100,11 @@ func (r *Recorder) settleStep() error {
 	for i := range chunk {
 		p.counters[chunk[i].k] = updated[i]
 	}
-	p.settled = next
+	p.settled, ps.pos = next, to
 	if done {
-		p.log[0] = nil
-		p.log = p.log[1:]
+		clear(p.log[:ps.n])
+		p.log = p.log[ps.n:]
+		p.pass = nil
 		r.st.unsettled.Store(int64(len(p.log)))
 	}
 	if now := r.opts.Now(); now.After(p.pruneAt) {
@@ -105,6 +113,107 @@ func (r *Recorder) settleStep() error {
 		p.pruneAt = now.Add(time.Minute)
 	}
 	return nil
+}
+
+// settlePass is a merged settling pass under way over messages lo..hi, the first n of
+// p.log: their unsettled deltas summed per key, in key order, settled up to pos.
+type settlePass struct {
+	lo, hi uint64
+	n      int
+	es     []batchEntry
+	pos    int
+}
+
+// settleDue reports whether a settling pass should start: one cut short by a restart
+// is resumed at once; otherwise a pass waits for settleMessages acknowledged messages,
+// for settleEntries deltas in them, or for the oldest to be settleAfter old.
+func (r *Recorder) settleDue(now time.Time) bool {
+	p := &r.p
+	if len(p.log) == 0 {
+		return false
+	}
+	if p.settled.lo <= p.settled.hi {
+		return true
+	}
+	if len(p.log) >= r.settleMessages || now.Sub(p.log[0].at) >= r.settleAfter {
+		return true
+	}
+	n := 0
+	for _, m := range p.log {
+		n += len(m.entries)
+	}
+	return n >= r.settleEntries
+}
+
+// startPass starts a settling pass: the one the mark says is under way, or one over the
+// oldest acknowledged messages, as many as settleMessages and settleEntries allow (at
+// least one).
+func (r *Recorder) startPass() {
+	p := &r.p
+	ps := &settlePass{}
+	if p.settled.lo <= p.settled.hi {
+		ps.lo, ps.hi = p.settled.lo, p.settled.hi
+		for ps.n < len(p.log) && p.log[ps.n].seq <= ps.hi {
+			ps.n++
+		}
+	} else {
+		entries := 0
+		for ps.n < len(p.log) && ps.n < r.settleMessages && (ps.n == 0 || entries+len(p.log[ps.n].entries) <= r.settleEntries) {
+			entries += len(p.log[ps.n].entries)
+			ps.n++
+		}
+		ps.lo, ps.hi = p.log[0].seq, p.log[ps.n-1].seq
+	}
+	parts := make([][]batchEntry, 0, ps.n)
+	for _, m := range p.log[:ps.n] {
+		if es := p.settled.unsettled(m.seq, m.entries); len(es) > 0 {
+			parts = append(parts, es)
+		}
+	}
+	ps.es = mergeEntries(parts)
+	p.pass = ps
+}
+
+// mergeEntries merges lists of deltas in key order into one, in key order, with the
+// deltas of one key summed: pairwise, so that each delta is compared about log2(len(parts))
+// times.
+func mergeEntries(parts [][]batchEntry) []batchEntry {
+	if len(parts) == 1 {
+		return slices.Clone(parts[0])
+	}
+	for len(parts) > 1 {
+		next := parts[:0:0]
+		for i := 0; i < len(parts); i += 2 {
+			if i+1 == len(parts) {
+				next = append(next, parts[i])
+				continue
+			}
+			next = append(next, merge2(parts[i], parts[i+1]))
+		}
+		parts = next
+	}
+	if len(parts) == 0 {
+		return nil
+	}
+	return parts[0]
+}
+
+func merge2(a, b []batchEntry) []batchEntry {
+	out := make([]batchEntry, 0, max(len(a), len(b)))
+	for len(a) > 0 && len(b) > 0 {
+		switch c := compareKeys(&a[0].k, &b[0].k); {
+		case c < 0:
+			out, a = append(out, a[0]), a[1:]
+		case c > 0:
+			out, b = append(out, b[0]), b[1:]
+		default:
+			e := a[0]
+			e.d.add(&b[0].d)
+			out, a, b = append(out, e), a[1:], b[1:]
+		}
+	}
+	out = append(out, a...)
+	return append(out, b...)
 }
 
 // sweepStep deletes the log segments wholly below the floor (they are in messages), and

@@ -1,0 +1,171 @@
+package usage
+
+import (
+	"encoding/binary"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/gatehouse-dev/gatehouse/limiter"
+)
+
+// recordRound records n usages over customers offset..offset+39 (three features, varied
+// quantities) into want and sums.
+func recordRound(t *testing.T, r *Recorder, offset, n int, want *ledger, sums map[limiter.CounterKey]int64) {
+	t.Helper()
+	for i := range n {
+		u := use(fmt.Sprintf("cust_%03d", offset+i%40), []string{"api_calls", "tokens", "exports"}[i%3], -1, int64(1+i%5), int64(i%2))
+		if err := r.Record([]limiter.Usage{u}); err != nil {
+			t.Fatal(err)
+		}
+		want.add(u)
+		sums[u.Key] += u.Quantity
+	}
+}
+
+// restored returns the counters a new recorder on the data directory restores.
+func restored(t *testing.T, e *env) map[limiter.CounterKey]int64 {
+	t.Helper()
+	l := limiter.New()
+	if err := e.build(hourly).Restore(l); err != nil {
+		t.Fatal(err)
+	}
+	got := map[limiter.CounterKey]int64{}
+	l.Counters("", func(c *limiter.Counter) { got[c.Key] = c.Committed() })
+	return got
+}
+
+func sameCounters(t *testing.T, what string, got, want map[limiter.CounterKey]int64) {
+	t.Helper()
+	for k, v := range want {
+		if got[k] != v {
+			t.Fatalf("%s: counter %v is %d, want %d", what, k, got[k], v)
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%s: %d counters, want %d", what, len(got), len(want))
+	}
+}
+
+// counterVersions counts the versions Badger holds of each counter key: a settling pass
+// writes each key once, however many messages it merges.
+func counterVersions(t *testing.T, e *env) map[string]int {
+	t.Helper()
+	vs := map[string]int{}
+	err := e.st.DB().View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte(prefixCounter), AllVersions: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			vs[string(it.Item().Key())]++
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vs
+}
+
+// Three acknowledged messages settle in one merged pass that writes each counter key
+// once; a crash in the middle of the pass leaves every counter restorable exactly, and
+// the restarted recorder finishes the same pass, not a different one.
+func TestMergedSettleCrash(t *testing.T) {
+	e := newEnv(t)
+	r := e.build(hourly)
+	r.settleMessages, r.settleAfter, r.settleChunk = 3, time.Hour, 7
+	steps := 0
+	r.hooks.afterSettle = func() bool { steps++; return steps == 3 }
+	e.start(r)
+	want, sums := newLedger(), map[limiter.CounterKey]int64{}
+	for round := range 3 {
+		recordRound(t, r, round*20, 300, want, sums) // customers overlap between rounds
+		if round < 2 {
+			flush(t, r)
+			if s := r.Stats(); s.Unsettled != int64(round+1) {
+				t.Fatalf("after message %d: %d unsettled messages, want %d (no pass before 3)", round+1, s.Unsettled, round+1)
+			}
+		}
+	}
+	flush(t, r) // the third message: the pass starts, and crashes at its third step
+	eventually(t, "the crash in the middle of the pass", r.crashed.Load)
+	if s := r.Stats(); s.Unsettled != 3 {
+		t.Fatalf("unsettled messages %d at the crash, want 3", s.Unsettled)
+	}
+	r.Close(expired())
+	e.reopen()
+	sameCounters(t, "restored after the crash", restored(t, e), sums)
+
+	r2 := e.build(hourly)
+	r2.settleMessages, r2.settleAfter = 1, time.Hour // would settle one message at a time
+	if err := r2.Restore(limiter.New()); err != nil {
+		t.Fatal(err)
+	}
+	e.start(r2)
+	eventually(t, "the pass finished after the restart", func() bool { return r2.Stats().Unsettled == 0 })
+	flush(t, r2)
+	checkOnce(t, e.js)
+	checkTotals(t, e.js, want)
+	for k, n := range counterVersions(t, e) {
+		if n != 1 {
+			t.Fatalf("counter %q written %d times by one pass", k, n)
+		}
+	}
+	r2.Close(expired())
+	e.reopen()
+	sameCounters(t, "restored from the counters alone", restored(t, e), sums)
+}
+
+// A settle mark of the first version (message seq settled up to index, one message at a
+// time) reads the same: Restore counts the rest of that message once, and the
+// recorder settles the rest of it.
+func TestVersion1SettleMark(t *testing.T) {
+	e := newEnv(t)
+	r := e.build(hourly)
+	r.settleAfter = time.Hour
+	e.start(r)
+	want, sums := newLedger(), map[limiter.CounterKey]int64{}
+	recordRound(t, r, 0, 300, want, sums)
+	flush(t, r)
+	r.Close(expired())
+
+	// Settle the first 10 deltas of message 1 as the first version did.
+	const index = 10
+	err := e.st.DB().Update(func(txn *badger.Txn) error {
+		item, err := txn.Get(pendingKey(1))
+		if err != nil {
+			return err
+		}
+		v, err := item.ValueCopy(nil)
+		if err != nil {
+			return err
+		}
+		mv, err := decodeMessageValue(v)
+		if err != nil {
+			return err
+		}
+		for _, en := range mv.entries[:index] {
+			c := counter{end: en.d.end, quantity: en.d.quantity, overage: en.d.overage}
+			if err := txn.Set(appendCK([]byte(prefixCounter), &en.k), appendCounter(nil, c)); err != nil {
+				return err
+			}
+		}
+		v1 := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, 1), index) // seq | index
+		return txn.Set([]byte(keySettled), v1)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.reopen()
+	sameCounters(t, "restored with a version-1 mark", restored(t, e), sums)
+	r2 := e.build(hourly)
+	if err := r2.Restore(limiter.New()); err != nil {
+		t.Fatal(err)
+	}
+	e.start(r2)
+	eventually(t, "settling after the restart", func() bool { return r2.Stats().Unsettled == 0 })
+	r2.Close(expired())
+	e.reopen()
+	sameCounters(t, "restored from the counters alone", restored(t, e), sums)
+	checkTotals(t, e.js, want)
+}
