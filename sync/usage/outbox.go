@@ -245,11 +245,10 @@ func (r *Recorder) settleLogged(s *deltaSet) {
 // durableTotal is a key's durable quantity outside the log.
 type durableTotal struct{ end, quantity int64 }
 
-// readLog adds to s the log records from p.logFloor up to end, until full says the set
-// is full; it returns the position after the last record taken and whether records were
+// readLog adds to s the log records from pos up to end, until full says the set is
+// full; it returns the position after the last record taken and whether records were
 // left behind.
-func (r *Recorder) readLog(s *deltaSet, end uint64, full func() bool, maxRecords int) (pos uint64, taken int, more bool, err error) {
-	pos = r.p.logFloor
+func (r *Recorder) readLog(s *deltaSet, pos, end uint64, full func() bool, maxRecords int) (_ uint64, taken int, more bool, err error) {
 	add := func(at int64, e *logEntry) { r.addLogged(s, at, e) }
 	for pos < end {
 		if full() || taken >= maxRecords {
@@ -282,12 +281,54 @@ const yieldEvery = 512
 
 func (r *Recorder) newSet() deltaSet {
 	p := &r.p
+	p.ahead = nil // it shares setIdx
 	if p.setIdx == nil {
 		p.setIdx = make(map[limiter.CounterKey]int)
 	}
 	clear(p.setIdx)
 	p.keys.gen++
 	return deltaSet{idx: p.setIdx, gen: p.keys.gen, durable: p.durable}
+}
+
+// readAhead is the log read ahead of the next cut: the set holds the log records from
+// p.logFloor to pos, of which there are taken. It lives in memory only: the records stay
+// in the log until a cut moves them into a message, and a failed cut or a fold drops it.
+type readAhead struct {
+	set   deltaSet
+	pos   uint64
+	taken int
+}
+
+// readAheadStep reads the log written since the last step into the next message's set,
+// so that a cut reads only what came after the last step: the publisher's work spreads
+// over the flush interval instead of coming as one burst per message. It does nothing
+// while folded totals wait (the cut takes them first) or when the set is full.
+func (r *Recorder) readAheadStep() error {
+	p := &r.p
+	if len(p.totals) > 0 {
+		return nil
+	}
+	end := r.j.end.Load()
+	if p.ahead == nil {
+		if end == p.logFloor {
+			return nil
+		}
+		p.ahead = &readAhead{set: r.newSet(), pos: p.logFloor}
+	}
+	a := p.ahead
+	if a.pos == end || a.taken >= maxCutRecords {
+		return nil
+	}
+	budget, _ := r.budgets()
+	full := func() bool { return len(a.set.es) > 0 && a.set.bytes >= budget }
+	pos, taken, _, err := r.readLog(&a.set, a.pos, end, full, maxCutRecords-a.taken)
+	if err != nil {
+		p.ahead = nil
+		return fmt.Errorf("read usage log ahead: %w", err)
+	}
+	a.pos, a.taken = pos, a.taken+taken
+	r.st.readAhead.Add(uint64(taken))
+	return nil
 }
 
 // cut moves outbox content into a new pending message, in one transaction: first the
@@ -300,7 +341,14 @@ func (r *Recorder) cut() error {
 	p := &r.p
 	wmark := r.j.end.Load() // every record below it is complete
 	budget, maxOps := r.budgets()
-	set := r.newSet()
+	ahead := p.ahead
+	var set deltaSet
+	if ahead != nil {
+		set = ahead.set
+	} else {
+		set = r.newSet()
+	}
+	p.ahead = nil // taken by this cut, whether or not it succeeds
 	// Each folded total taken costs a deletion in the cut's transaction; log records
 	// cost nothing there (the floor covers them), but one cut reads at most
 	// maxCutRecords.
@@ -320,11 +368,16 @@ func (r *Recorder) cut() error {
 	allTotals := len(takenTotals) == len(p.totals)
 	more := !allTotals
 	floor, taken := p.logFloor, 0
+	if ahead != nil {
+		floor, taken = ahead.pos, ahead.taken
+	}
 	if allTotals {
 		var err error
-		if floor, taken, more, err = r.readLog(&set, wmark, full, maxCutRecords); err != nil {
+		var n int
+		if floor, n, more, err = r.readLog(&set, floor, wmark, full, maxCutRecords-taken); err != nil {
 			return fmt.Errorf("cut outbox: %w", err)
 		}
+		taken += n
 	}
 	p.backlog = more
 	covers := p.ackedCovers
@@ -502,7 +555,7 @@ func (r *Recorder) fold() (int, error) {
 		end := r.j.end.Load()
 		set := r.newSet()
 		full := func() bool { return len(set.es) >= maxOps-1 }
-		floor, taken, more, err := r.readLog(&set, end, full, maxCutRecords)
+		floor, taken, more, err := r.readLog(&set, p.logFloor, end, full, maxCutRecords)
 		if err != nil || taken == 0 {
 			return folded, err
 		}

@@ -34,6 +34,7 @@ type publisher struct {
 	pass     *settlePass                    // the settling pass under way, if any
 	dead     [][]byte                       // keys of entries that are counted elsewhere, to delete (see sweepStep)
 	setIdx   map[limiter.CounterKey]int     // the cut's index, reused
+	ahead    *readAhead                     // the log read ahead of the next cut, if any
 	houseErr time.Time                      // settling or sweeping failed: no retry before this
 
 	// Overage of limited features is computed as records leave the log, from durable
@@ -93,6 +94,9 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 	defer close(r.pubDone)
 	tick := time.NewTicker(r.opts.FlushInterval)
 	defer tick.Stop()
+	readTick := time.NewTicker(r.readAheadEvery)
+	defer readTick.Stop()
+	var readLogged time.Time
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	due := false // a flush interval passed since the last cut
@@ -139,6 +143,12 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 			r.satisfyWaiters()
 		case <-r.kick:
 		case <-retryC:
+		case <-readTick.C:
+			if err := r.readAheadStep(); err != nil && time.Since(readLogged) > 30*time.Second {
+				// The cut reads the same records again, and fails the same way.
+				readLogged = time.Now()
+				r.log.Warn("usage log: reading ahead of the next cut failed", zap.Error(err))
+			}
 		}
 		retry.Stop()
 	}

@@ -82,6 +82,9 @@ type Recorder struct {
 	settleMessages int
 	settleEntries  int
 	settleAfter    time.Duration
+	// The publisher reads the log this often into the next message, so that a cut
+	// reads only the last moments (see readAheadStep).
+	readAheadEvery time.Duration
 	sweepChunk     int           // entries counted elsewhere deleted per transaction; 0: none (tests)
 	housePace      time.Duration // pause between housekeeping steps
 	hooks          hooks
@@ -174,6 +177,7 @@ func newRecorder(db *badger.DB, dataDir, sidecarID, epoch string, opts Options) 
 		settleMessages:  8,
 		settleEntries:   1 << 18,
 		settleAfter:     10 * time.Second,
+		readAheadEvery:  min(max(opts.FlushInterval/16, 5*time.Millisecond), 100*time.Millisecond),
 		sweepChunk:      256,
 		housePace:       time.Millisecond,
 		flushCh:         make(chan *flushWaiter, 16),
@@ -522,6 +526,7 @@ type Stats struct {
 type stats struct {
 	records, appends, badgerWrites, appendErrors                           atomic.Uint64
 	recordsOut                                                             atomic.Uint64 // log records taken into messages or totals
+	readAhead                                                              atomic.Uint64 // log records read ahead of a cut (tests)
 	published, publishedDeltas, publishedRecords, publishErrors, recovered atomic.Uint64
 	conflicts, rebaselines, compactions                                    atomic.Uint64
 	outboxBytes, outboxKeys, unsettled                                     atomic.Int64 // outboxBytes: not counting the log

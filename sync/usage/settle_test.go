@@ -169,3 +169,38 @@ func TestVersion1SettleMark(t *testing.T) {
 	sameCounters(t, "restored from the counters alone", restored(t, e), sums)
 	checkTotals(t, e.js, want)
 }
+
+// The publisher reads the log ahead of the cut, into memory only: a cut publishes what
+// was read ahead and what came after exactly once, and a crash loses nothing read ahead
+// (the records are still in the log) nor counts it twice.
+func TestReadAhead(t *testing.T) {
+	for _, crashFirst := range []bool{false, true} {
+		t.Run(fmt.Sprintf("crash=%v", crashFirst), func(t *testing.T) {
+			e := newEnv(t)
+			r := e.build(hourly)
+			r.readAheadEvery = 2 * time.Millisecond
+			e.start(r)
+			want, sums := newLedger(), map[limiter.CounterKey]int64{}
+			recordRound(t, r, 0, 500, want, sums)
+			eventually(t, "the log read ahead", func() bool { return r.st.readAhead.Load() == 500 })
+			recordRound(t, r, 10, 200, want, sums) // maybe read ahead, maybe left to the cut
+			if crashFirst {
+				r.Close(expired())
+				e.reopen()
+				sameCounters(t, "restored with the log read ahead", restored(t, e), sums)
+				r = e.build(hourly)
+				if err := r.Restore(limiter.New()); err != nil {
+					t.Fatal(err)
+				}
+				e.start(r)
+			}
+			flush(t, r)
+			checkOnce(t, e.js)
+			checkTotals(t, e.js, want)
+			eventually(t, "settling", func() bool { return r.Stats().Unsettled == 0 })
+			r.Close(expired())
+			e.reopen()
+			sameCounters(t, "restored after publishing", restored(t, e), sums)
+		})
+	}
+}
