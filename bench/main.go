@@ -81,7 +81,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&o.SweepDuration, "sweep-duration", 3*time.Second, "recorded time of each open-loop run at -rates")
 	fs.IntVar(&o.Conns, "conns", 64, "connections (closed loop: each sends as fast as answered; open loop: the pool)")
 	fs.Float64Var(&o.Rate, "rate", 5000, "open-loop rate (requests/s) of the latency pairs")
-	fs.IntVar(&o.Pairs, "pairs", 4, "adjacent (sidecar, bare proxy) pairs per comparison")
+	fs.IntVar(&o.Pairs, "pairs", 5, "adjacent (sidecar, bare proxy) pairs per comparison (5 or more: the median of per-pair ratios needs them on a noisy machine)")
 	fs.BoolVar(&o.Control, "control", true, "measure one bare-vs-bare control pair (the noise floor)")
 	fs.IntVar(&o.Customers, "customers", 10000, "customers in steady")
 	fs.IntVar(&o.ExhaustCusts, "exhaust-customers", 200, "customers in exhaust (and in fleet's exhaust phase), each with its own hard limit")
