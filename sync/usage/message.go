@@ -1,6 +1,7 @@
 package usage
 
 import (
+	"runtime"
 	"strconv"
 	"time"
 
@@ -65,6 +66,9 @@ func appendMessageJSON(b []byte, sidecarID, epoch string, seq uint64, from, to i
 		e := &es[i]
 		if i > 0 {
 			b = append(b, ',')
+			if i%(4*yieldEvery) == 0 {
+				runtime.Gosched() // see yieldEvery
+			}
 		}
 		b = append(b, `{"customer_id":`...)
 		b = jsonx.AppendString(b, e.k.Customer)

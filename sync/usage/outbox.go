@@ -223,6 +223,9 @@ func (r *Recorder) addLogged(s *deltaSet, at int64, e *logEntry) {
 func (r *Recorder) settleLogged(s *deltaSet) {
 	p := &r.p
 	for i := range s.es {
+		if i%yieldEvery == yieldEvery-1 {
+			runtime.Gosched()
+		}
 		if s.logged[i] == 0 && s.es[i].d.records == 0 {
 			continue
 		}
@@ -275,9 +278,11 @@ func (r *Recorder) readLog(s *deltaSet, pos, end uint64, full func() bool, maxRe
 	return pos, taken, false, nil
 }
 
-// yieldEvery is how many log records the publisher reads between yields to the
-// scheduler: about 0.2 ms of work.
-const yieldEvery = 512
+// yieldEvery is how many log records (or deltas) the publisher handles between yields
+// to the scheduler: about 0.05 ms of work. The publisher's work comes in bursts (a cut,
+// the start of a settling pass) on one of few Ps, and the requests queued behind it on
+// that P wait until it yields or the runtime preempts it (after 10 ms).
+const yieldEvery = 128
 
 func (r *Recorder) newSet() deltaSet {
 	p := &r.p
@@ -497,9 +502,49 @@ func (r *Recorder) loadCounters(es []batchEntry) error {
 }
 
 // sortEntries orders a message's deltas by customer, feature and window (compareKeys).
+// It sorts runs of sortRun deltas, then merges them, yielding to the scheduler between
+// runs and every yieldEvery merged deltas: a cut sorts tens of thousands of deltas, and
+// the goroutines queued behind the publisher on its P (requests) would otherwise wait
+// for the whole sort, up to the runtime's 10 ms preemption.
 func sortEntries(es []batchEntry) {
-	slices.SortFunc(es, func(a, b batchEntry) int { return compareKeys(&a.k, &b.k) })
+	cmp := func(a, b batchEntry) int { return compareKeys(&a.k, &b.k) }
+	for i := 0; i < len(es); i += sortRun {
+		slices.SortFunc(es[i:min(i+sortRun, len(es))], cmp)
+		if len(es) > sortRun {
+			runtime.Gosched()
+		}
+	}
+	if len(es) <= sortRun {
+		return
+	}
+	src, dst := es, make([]batchEntry, len(es))
+	n := 0
+	for width := sortRun; width < len(es); width *= 2 {
+		for lo := 0; lo < len(es); lo += 2 * width {
+			mid, hi := min(lo+width, len(es)), min(lo+2*width, len(es))
+			i, j, k := lo, mid, lo
+			for ; i < mid && j < hi; k++ {
+				if compareKeys(&src[j].k, &src[i].k) < 0 {
+					dst[k], j = src[j], j+1
+				} else {
+					dst[k], i = src[i], i+1
+				}
+				if n++; n%yieldEvery == 0 {
+					runtime.Gosched()
+				}
+			}
+			k += copy(dst[k:], src[i:mid])
+			copy(dst[k:], src[j:hi])
+		}
+		src, dst = dst, src
+	}
+	if &src[0] != &es[0] {
+		copy(es, src)
+	}
 }
+
+// sortRun is how many deltas sortEntries sorts between yields: about 0.1 ms of work.
+const sortRun = 256
 
 type batchEntry struct {
 	k limiter.CounterKey

@@ -3,6 +3,7 @@ package usage
 import (
 	"fmt"
 	"maps"
+	"runtime"
 	"slices"
 	"time"
 
@@ -200,7 +201,10 @@ func mergeEntries(parts [][]batchEntry) []batchEntry {
 
 func merge2(a, b []batchEntry) []batchEntry {
 	out := make([]batchEntry, 0, max(len(a), len(b)))
-	for len(a) > 0 && len(b) > 0 {
+	for n := 1; len(a) > 0 && len(b) > 0; n++ {
+		if n%yieldEvery == 0 {
+			runtime.Gosched() // see yieldEvery
+		}
 		switch c := compareKeys(&a[0].k, &b[0].k); {
 		case c < 0:
 			out, a = append(out, a[0]), a[1:]

@@ -3,6 +3,7 @@ package usage
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -202,5 +203,32 @@ func TestReadAhead(t *testing.T) {
 			e.reopen()
 			sameCounters(t, "restored after publishing", restored(t, e), sums)
 		})
+	}
+}
+
+// sortEntries (runs and merges, yielding between them) orders like a plain sort, at
+// every length around its run size.
+func TestSortEntries(t *testing.T) {
+	for _, n := range []int{0, 1, 2, sortRun - 1, sortRun, sortRun + 1, 3*sortRun + 7, 5000} {
+		es := make([]batchEntry, n)
+		for i := range es {
+			x := (i*7919 + 13) % (n + 1)
+			es[i] = batchEntry{k: limiter.CounterKey{Customer: fmt.Sprintf("c%d", x%97), Feature: fmt.Sprintf("f%d", x%5), WindowStart: int64(x)}, d: delta{quantity: int64(i)}}
+		}
+		want := slices.Clone(es)
+		slices.SortStableFunc(want, func(a, b batchEntry) int { return compareKeys(&a.k, &b.k) })
+		sortEntries(es)
+		for i := range es {
+			if compareKeys(&es[i].k, &want[i].k) != 0 {
+				t.Fatalf("n=%d: position %d holds %v, want %v", n, i, es[i].k, want[i].k)
+			}
+		}
+		seen := map[int64]bool{}
+		for _, e := range es {
+			seen[e.d.quantity] = true
+		}
+		if len(seen) != n {
+			t.Fatalf("n=%d: %d distinct deltas after sorting", n, len(seen))
+		}
 	}
 }
