@@ -102,10 +102,11 @@ type Recorder struct {
 	kick    chan struct{} // capacity 1: the publisher should look at the outbox now
 	crashed atomic.Bool   // a test hook stopped the publisher as a crash would
 
-	pubDone   chan struct{}
-	pubCancel context.CancelFunc
-	closeOnce sync.Once
-	closeErr  error
+	pubDone      chan struct{}
+	prefaultDone chan struct{}
+	pubCancel    context.CancelFunc
+	closeOnce    sync.Once
+	closeErr     error
 
 	st stats
 }
@@ -183,6 +184,7 @@ func newRecorder(db *badger.DB, dataDir, sidecarID, epoch string, opts Options) 
 		flushCh:         make(chan *flushWaiter, 16),
 		kick:            make(chan struct{}, 1),
 		pubDone:         make(chan struct{}),
+		prefaultDone:    make(chan struct{}),
 	}
 	if err := r.migrateBatches(); err != nil {
 		return nil, fmt.Errorf("usage: move the outbox batches of an earlier version into totals: %w", err)
@@ -261,7 +263,24 @@ func (r *Recorder) Start(ctx context.Context) error {
 		zap.Int64("outbox_bytes", r.outboxBytes()), zap.Uint64("log_records", r.j.recovered),
 		zap.Uint64("pending_seq", r.st.pendingSeq.Load()), zap.Uint64("acked_seq", r.p.acked.seq))
 	go r.publishLoop(pctx)
+	go r.prefaultLoop(pctx)
 	return nil
+}
+
+// prefaultLoop keeps the log's next pages ready for appends (see journal.prefault).
+func (r *Recorder) prefaultLoop(ctx context.Context) {
+	defer close(r.prefaultDone)
+	tick := time.NewTicker(time.Second) // for a segment made ready after a quiet time
+	defer tick.Stop()
+	for {
+		r.j.prefault()
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.j.prefaultKick:
+		case <-tick.C:
+		}
+	}
 }
 
 // Record makes u durable: it returns once u is in the usage log, which survives a
@@ -274,8 +293,14 @@ func (r *Recorder) Record(u []limiter.Usage) error {
 	if len(u) == 0 {
 		return nil
 	}
-	size := recordSize(u)
-	at := r.opts.Now().UnixNano()
+	// The record is encoded before the lock, in a buffer on the stack unless it is
+	// unusually big: the lock covers only the copy into the log.
+	var buf [512]byte
+	b := buf[:0]
+	if size := recordSize(u); size > len(buf) {
+		b = make([]byte, 0, size)
+	}
+	b = appendRecord(b, r.opts.Now().UnixNano(), u)
 	j := r.j
 	j.mu.Lock()
 	if r.state != stateRunning {
@@ -287,9 +312,8 @@ func (r *Recorder) Record(u []limiter.Usage) error {
 		return ErrClosed
 	}
 	before := j.pos
-	b, err := j.reserve(size)
+	err := j.write(b)
 	if err == nil {
-		j.commit(appendRecord(b, at, u))
 		j.records += uint64(len(u))
 		r.st.records.Store(j.records)
 		r.st.appends.Store(j.appends)
@@ -302,6 +326,9 @@ func (r *Recorder) Record(u []limiter.Usage) error {
 	}
 	if r.failing.Load() {
 		r.failing.Store(false)
+	}
+	if after^before >= pageSize { // a page boundary crossed (pageSize is a power of 2)
+		j.kickPrefault(after)
 	}
 	// Wake the publisher at the outbox bound, and when a segment is half full (to make
 	// the next one ready).
@@ -369,6 +396,7 @@ func (r *Recorder) close(ctx context.Context) error {
 	err := r.Flush(ctx)
 	r.pubCancel()
 	<-r.pubDone
+	<-r.prefaultDone
 	r.j.close() // nothing appends (closed) or reads (the publisher stopped) any more
 	s := r.Stats()
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -231,4 +232,40 @@ func TestSortEntries(t *testing.T) {
 			t.Fatalf("n=%d: %d distinct deltas after sorting", n, len(seen))
 		}
 	}
+}
+
+// The pages ahead of the appends are written to before the appends reach them, and
+// that leaves every record intact, appends racing with it included.
+func TestPrefault(t *testing.T) {
+	e := newEnv(t)
+	r := e.recorder(hourly)
+	want, sums := newLedger(), map[limiter.CounterKey]int64{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 2000 {
+				u := use(fmt.Sprintf("cust_%03d", (g*2000+i)%300), "api_calls", -1, int64(1+i%7), 0)
+				if err := r.Record([]limiter.Usage{u}); err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				want.add(u)
+				sums[u.Key] += u.Quantity
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	end := r.j.end.Load()
+	eventually(t, "pages prefaulted ahead of the appends", func() bool { return r.j.prefaulted.Load() >= end+prefaultAhead/2 })
+	r.Close(expired())
+	e.reopen()
+	sameCounters(t, "restored from the log", restored(t, e), sums)
+	r2 := e.recorder(hourly)
+	flush(t, r2)
+	checkTotals(t, e.js, want)
 }
