@@ -14,9 +14,11 @@
 //
 // Record appends one record to the log: a copy of a few dozen bytes into a memory-mapped
 // segment file under a short lock, durable against a crash of the process when Record
-// returns, with no Badger write, no system call and no other goroutine involved. The
-// publisher reads the log from its floor and moves it into messages; everything else is
-// in Badger:
+// returns, with no Badger write, no system call and no other goroutine involved (the
+// record is encoded before the lock, and a goroutine of its own faults the next pages
+// in ahead of the appends; see journal.prefault). The publisher reads the log from its
+// floor into the next message, in small steps between cuts (readAheadStep), and a cut
+// moves it into a message; everything else is in Badger:
 //
 //	u/p/<mseq>    message mseq: its deltas in binary, with their windows' ends; the one
 //	              above the acknowledged sequence is pending (at most one), the others
