@@ -242,6 +242,15 @@ func checkOnce(t testing.TB, js jetstream.JetStream) []streamMsg {
 		if next[k]++; sm.m.Seq != next[k] {
 			t.Fatalf("stream seq %d: message %s, want seq %d of %s (a duplicate or a gap)", sm.seq, sm.id, next[k], k)
 		}
+		// One delta per key: settling adds a message's deltas to the counters in key order.
+		keys := map[Delta]bool{}
+		for _, d := range sm.m.Deltas {
+			key := Delta{CustomerID: d.CustomerID, Feature: d.Feature, WindowStart: d.WindowStart}
+			if keys[key] {
+				t.Fatalf("message %s holds two deltas of %s %s %v", sm.id, d.CustomerID, d.Feature, d.WindowStart)
+			}
+			keys[key] = true
+		}
 	}
 	return msgs
 }

@@ -166,7 +166,8 @@ func (r *Recorder) shrinkOps(err error, ops int) {
 // deltaSet sums deltas per key, in the order the keys first came, with a running
 // estimate of their JSON size. Its index is reused from cut to cut.
 type deltaSet struct {
-	idx     map[limiter.CounterKey]int // key -> position in es
+	idx     map[limiter.CounterKey]int // key -> position in es, once indexed
+	indexed bool                       // idx holds every key of es (see entryLogged)
 	gen     uint64                     // the set's generation in p.keys
 	durable map[limiter.CounterKey]*durableTotal
 	es      []batchEntry
@@ -176,21 +177,42 @@ type deltaSet struct {
 	records int64
 }
 
+// entry returns the position of k's delta, adding one if it has none.
 func (s *deltaSet) entry(k limiter.CounterKey) int {
+	if !s.indexed {
+		for i := range s.es {
+			s.idx[s.es[i].k] = i
+		}
+		s.indexed = true
+	}
 	i, ok := s.idx[k]
 	if !ok {
-		i = len(s.es)
+		i = s.push(k)
 		s.idx[k] = i
-		s.es = append(s.es, batchEntry{k: k})
-		s.logged = append(s.logged, 0)
-		var before int64
-		if t := s.durable[k]; t != nil {
-			before = t.quantity
-		}
-		s.before = append(s.before, before)
-		s.bytes += len(k.Customer) + len(k.Feature) + deltaJSONOverhead
 	}
 	return i
+}
+
+// entryLogged returns the position of the delta of a key read from the log that is not
+// in the set yet (its keySlot says so). Until a folded total joins the set, only the log's
+// keys are in it, each once (keySlot), so no index is needed.
+func (s *deltaSet) entryLogged(k limiter.CounterKey) int {
+	if s.indexed {
+		return s.entry(k)
+	}
+	return s.push(k)
+}
+
+func (s *deltaSet) push(k limiter.CounterKey) int {
+	s.es = append(s.es, batchEntry{k: k})
+	s.logged = append(s.logged, 0)
+	var before int64
+	if t := s.durable[k]; t != nil {
+		before = t.quantity
+	}
+	s.before = append(s.before, before)
+	s.bytes += len(k.Customer) + len(k.Feature) + deltaJSONOverhead
+	return len(s.es) - 1
 }
 
 func (s *deltaSet) add(k limiter.CounterKey, d *delta) {
@@ -205,7 +227,7 @@ func (s *deltaSet) add(k limiter.CounterKey, d *delta) {
 func (r *Recorder) addLogged(s *deltaSet, at int64, e *logEntry) {
 	sl := e.key
 	if sl.gen != s.gen {
-		sl.i, sl.gen = s.entry(sl.k), s.gen
+		sl.i, sl.gen = s.entryLogged(sl.k), s.gen
 	}
 	i := sl.i
 	d := delta{end: e.end, from: at, to: at, records: 1, quantity: e.quantity, overage: e.x}
