@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
 	"runtime"
 	"strconv"
 	"strings"
@@ -356,7 +357,9 @@ func TestTotalsReadsTheStream(t *testing.T) {
 // Record allocates nothing per call, from one caller or from many at once.
 func TestRecordAllocatesNothing(t *testing.T) {
 	e := newEnv(t)
-	r := e.recorder(hourly)
+	r := e.build(hourly)
+	r.readAheadEvery = time.Hour // the publisher's reading allocates, and would count here
+	e.start(r)
 	u := []limiter.Usage{use("cust_a", "api_calls", -1, 1, 0), use("cust_a", "tokens", 0, 42, 0)}
 	if n := testing.AllocsPerRun(1000, func() {
 		if err := r.Record(u); err != nil {
@@ -365,32 +368,38 @@ func TestRecordAllocatesNothing(t *testing.T) {
 	}); n != 0 {
 		t.Fatalf("%v allocations per Record", n)
 	}
-	const goroutines, each = 64, 300
-	start := make(chan struct{})
-	var wg sync.WaitGroup
-	for g := range goroutines {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			u := []limiter.Usage{use("cust_"+strconv.Itoa(g%8), "api_calls", -1, 1, 0)}
-			<-start
-			for range each {
-				if err := r.Record(u); err != nil {
-					t.Error(err)
-					return
+	// From many callers at once, counted over the whole process: the embedded NATS
+	// server, Badger and the runtime allocate in the background too, so the phase is
+	// long enough to amortise that, and the best of three attempts counts.
+	const goroutines, each = 64, 2000
+	best := math.Inf(1)
+	for range 3 {
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for g := range goroutines {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				u := []limiter.Usage{use("cust_"+strconv.Itoa(g%8), "api_calls", -1, 1, 0)}
+				<-start
+				for range each {
+					if err := r.Record(u); err != nil {
+						t.Error(err)
+						return
+					}
 				}
-			}
-		}()
+			}()
+		}
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		close(start)
+		wg.Wait()
+		runtime.ReadMemStats(&after)
+		best = min(best, float64(after.Mallocs-before.Mallocs)/(goroutines*each))
 	}
-	runtime.GC()
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	close(start)
-	wg.Wait()
-	runtime.ReadMemStats(&after)
-	// The goroutines' own start-up and the runtime allocate a little; a per-record
-	// allocation would show as about one per record.
-	if perRecord := float64(after.Mallocs-before.Mallocs) / (goroutines * each); perRecord > 0.1 {
-		t.Fatalf("%.2f allocations per record from %d concurrent callers", perRecord, goroutines)
+	// A per-record allocation would show as about one per record.
+	if best > 0.05 {
+		t.Fatalf("%.3f allocations per record from %d concurrent callers", best, goroutines)
 	}
 }
