@@ -286,9 +286,10 @@ func (r *Recorder) prefaultLoop(ctx context.Context) {
 // Record makes u durable: it returns once u is in the usage log, which survives a
 // crash of the process (see journal.go), together with the counters it updates. It is
 // safe for many concurrent callers, each of which holds a lock for one copy of a few
-// dozen bytes; it reads u only during the call, makes no system call (except once per
-// 8 MiB of log when the next segment was not made ready in time) and allocates nothing.
-// An error means u is not durable.
+// dozen bytes; it reads u only during the call, makes no system call of its own
+// (except once per 8 MiB of log when the next segment was not made ready in time; about
+// once per 128 KiB of log it wakes the prefault goroutine, which the runtime may do
+// with one) and allocates nothing. An error means u is not durable.
 func (r *Recorder) Record(u []limiter.Usage) error {
 	if len(u) == 0 {
 		return nil
