@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -34,6 +36,7 @@ func TestSmoke(t *testing.T) {
 		"-fleet", "3", "-fleet-customers", "100", "-fleet-rounds", "1",
 		"-outage", "1s", "-outage-rate", "300", "-usage-rate", "1000",
 		"-max-redo", "0", "-quiet-wait", "0s", "-q",
+		"-slow-log", filepath.Join(out, "slow.log"), "-slow-over", "0s",
 		"-out", out,
 	}, io.Discard)
 	if err != nil {
@@ -43,6 +46,21 @@ func TestSmoke(t *testing.T) {
 	defer cancel()
 	if _, err := run(ctx, o, io.Discard); err != nil {
 		t.Fatal(err)
+	}
+
+	// -slow-log with a threshold of 0 logs every recorded open-loop request.
+	slow, err := os.ReadFile(filepath.Join(out, "slow.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(slow)), "\n")
+	var due, lat int64
+	var target string
+	if n, err := fmt.Sscanf(lines[0], "%d %d %s", &due, &lat, &target); n != 3 || err != nil || due < time.Now().Add(-time.Hour).UnixMicro() || lat <= 0 {
+		t.Errorf("-slow-log line %q: want intended send time, latency and target (%d fields, %v)", lines[0], n, err)
+	}
+	if !strings.Contains(string(slow), "sidecar steady open 500/s") || len(lines) < 500 {
+		t.Errorf("-slow-log holds %d lines, without steady's open-loop runs of the sidecar", len(lines))
 	}
 
 	b, err := os.ReadFile(filepath.Join(out, "results.json"))

@@ -42,6 +42,7 @@ type env struct {
 	slack    time.Duration // -budget minus the planned run: what redos and waits may take
 	// admitted counts each tracked sidecar's 2xx answers per request template (track).
 	admitted map[*proc][]atomic.Int64
+	slow     *slowLog // -slow-log, or nil
 }
 
 // machineInfo is recorded with every result.
@@ -63,6 +64,13 @@ type machineInfo struct {
 
 func newEnv(ctx context.Context, o *options, w io.Writer) (*env, error) {
 	e := &env{o: o, w: w, start: time.Now(), mon: newCPUMonitor(), caps: map[string]bool{}, admitted: map[*proc][]atomic.Int64{}}
+	if o.SlowLog != "" {
+		f, err := os.Create(o.SlowLog)
+		if err != nil {
+			return nil, fmt.Errorf("-slow-log: %w", err)
+		}
+		e.slow = &slowLog{f: bufio.NewWriter(f), c: f, over: o.SlowOver}
+	}
 	gomod, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil || strings.TrimSpace(string(gomod)) == "" || strings.TrimSpace(string(gomod)) == os.DevNull {
 		return nil, fmt.Errorf("find the module root (run from inside the gatehouse module): %v", err)
@@ -353,6 +361,11 @@ func (e *env) startBare(ctx context.Context, name string) (*proc, error) {
 }
 
 func (e *env) close() {
+	if e.slow != nil {
+		if err := e.slow.close(); err != nil {
+			e.logf("-slow-log: %v", err)
+		}
+	}
 	e.procsMu.Lock()
 	defer e.procsMu.Unlock()
 	for i := len(e.procs) - 1; i >= 0; i-- {

@@ -3,7 +3,9 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"runtime"
@@ -50,6 +52,10 @@ type runSpec struct {
 	// (by intended send time), each part with its own counts and latency: the outage
 	// scenario's before, during and after.
 	segments []time.Duration
+	// slow, when set, gets every recorded open-loop request slower than its threshold,
+	// under label.
+	slow  *slowLog
+	label string
 	// edge, when set, is called at both edges of the recorded phase: before the CPU
 	// sample at its start and after the one at its end, so that what it costs the
 	// target stays out of the target's CPU figure.
@@ -423,6 +429,27 @@ func runClosed(ctx context.Context, ws []*worker, wl *workload, spec runSpec, cp
 	return res
 }
 
+// slowLog is -slow-log: the slow requests of open-loop runs, with their intended send
+// times, to see whether they come in bursts and when.
+type slowLog struct {
+	mu   sync.Mutex
+	f    *bufio.Writer
+	c    io.Closer
+	over time.Duration
+}
+
+func (l *slowLog) add(due time.Time, lat time.Duration, label string) {
+	l.mu.Lock()
+	fmt.Fprintf(l.f, "%d %d %s\n", due.UnixMicro(), lat.Microseconds(), label)
+	l.mu.Unlock()
+}
+
+func (l *slowLog) close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return errors.Join(l.f.Flush(), l.c.Close())
+}
+
 // runOpen sends at a fixed rate. The dispatcher queues intended send times (ns since
 // base); a worker that takes one sends at once and charges the request from its
 // intended time.
@@ -460,6 +487,9 @@ func runOpen(ctx context.Context, ws []*worker, wl *workload, spec runSpec, cpu 
 				w.answered(tpl, status)
 				if due >= measureFrom {
 					lat := time.Since(base) - time.Duration(due)
+					if spec.slow != nil && lat > spec.slow.over {
+						spec.slow.add(base.Add(time.Duration(due)), lat, spec.label)
+					}
 					w.count(tpl, status, lat)
 					w.lag.RecordValue(max(0, (sent - time.Duration(due)).Microseconds()))
 					w.countSegment(spec.segments, time.Duration(due-measureFrom), status, lat, false)

@@ -114,6 +114,7 @@ func (e *env) measure(ctx context.Context, label, phase string, round int, p *pr
 	if a := p.acct; a != nil {
 		spec.edge = func() { edges = append(edges, a.read(ctx)) }
 	}
+	spec.slow, spec.label = e.slow, p.name+" "+label
 	res, err := runLoad(ctx, targets, wl, spec, e.mon.sample)
 	var bu besideUse
 	if stopBeside != nil {
