@@ -26,30 +26,6 @@ func recordRound(t *testing.T, r *Recorder, offset, n int, want *ledger, sums ma
 	}
 }
 
-// restored returns the counters a new recorder on the data directory restores.
-func restored(t *testing.T, e *env) map[limiter.CounterKey]int64 {
-	t.Helper()
-	l := limiter.New()
-	if err := e.build(hourly).Restore(l); err != nil {
-		t.Fatal(err)
-	}
-	got := map[limiter.CounterKey]int64{}
-	l.Counters("", func(c *limiter.Counter) { got[c.Key] = c.Committed() })
-	return got
-}
-
-func sameCounters(t *testing.T, what string, got, want map[limiter.CounterKey]int64) {
-	t.Helper()
-	for k, v := range want {
-		if got[k] != v {
-			t.Fatalf("%s: counter %v is %d, want %d", what, k, got[k], v)
-		}
-	}
-	if len(got) != len(want) {
-		t.Fatalf("%s: %d counters, want %d", what, len(got), len(want))
-	}
-}
-
 // counterVersions counts the versions Badger holds of each counter key: a settling pass
 // writes each key once, however many messages it merges.
 func counterVersions(t *testing.T, e *env) map[string]int {
@@ -96,7 +72,7 @@ func TestMergedSettleCrash(t *testing.T) {
 	}
 	r.Close(expired())
 	e.reopen()
-	sameCounters(t, "restored after the crash", restored(t, e), sums)
+	sameSums(t, restoreSums(t, e), sums)
 
 	r2 := e.build(hourly)
 	r2.settleMessages, r2.settleAfter = 1, time.Hour // would settle one message at a time
@@ -115,7 +91,7 @@ func TestMergedSettleCrash(t *testing.T) {
 	}
 	r2.Close(expired())
 	e.reopen()
-	sameCounters(t, "restored from the counters alone", restored(t, e), sums)
+	sameSums(t, restoreSums(t, e), sums)
 }
 
 // A settle mark of the first version (message seq settled up to index, one message at a
@@ -159,7 +135,7 @@ func TestVersion1SettleMark(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.reopen()
-	sameCounters(t, "restored with a version-1 mark", restored(t, e), sums)
+	sameSums(t, restoreSums(t, e), sums)
 	r2 := e.build(hourly)
 	if err := r2.Restore(limiter.New()); err != nil {
 		t.Fatal(err)
@@ -168,7 +144,7 @@ func TestVersion1SettleMark(t *testing.T) {
 	eventually(t, "settling after the restart", func() bool { return r2.Stats().Unsettled == 0 })
 	r2.Close(expired())
 	e.reopen()
-	sameCounters(t, "restored from the counters alone", restored(t, e), sums)
+	sameSums(t, restoreSums(t, e), sums)
 	checkTotals(t, e.js, want)
 }
 
@@ -189,7 +165,7 @@ func TestReadAhead(t *testing.T) {
 			if crashFirst {
 				r.Close(expired())
 				e.reopen()
-				sameCounters(t, "restored with the log read ahead", restored(t, e), sums)
+				sameSums(t, restoreSums(t, e), sums)
 				r = e.build(hourly)
 				if err := r.Restore(limiter.New()); err != nil {
 					t.Fatal(err)
@@ -202,7 +178,7 @@ func TestReadAhead(t *testing.T) {
 			eventually(t, "settling", func() bool { return r.Stats().Unsettled == 0 })
 			r.Close(expired())
 			e.reopen()
-			sameCounters(t, "restored after publishing", restored(t, e), sums)
+			sameSums(t, restoreSums(t, e), sums)
 		})
 	}
 }
@@ -264,7 +240,7 @@ func TestPrefault(t *testing.T) {
 	eventually(t, "pages prefaulted ahead of the appends", func() bool { return r.j.prefaulted.Load() >= end+prefaultAhead/2 })
 	r.Close(expired())
 	e.reopen()
-	sameCounters(t, "restored from the log", restored(t, e), sums)
+	sameSums(t, restoreSums(t, e), sums)
 	r2 := e.recorder(hourly)
 	flush(t, r2)
 	checkTotals(t, e.js, want)
