@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"maps"
 	"runtime"
-	"slices"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -177,11 +176,8 @@ func (r *Recorder) startPass() {
 
 // mergeEntries merges lists of deltas in key order into one, in key order, with the
 // deltas of one key summed: pairwise, so that each delta is compared about log2(len(parts))
-// times.
+// times. The result may be one of the lists itself; the pass only reads it.
 func mergeEntries(parts [][]batchEntry) []batchEntry {
-	if len(parts) == 1 {
-		return slices.Clone(parts[0])
-	}
 	for len(parts) > 1 {
 		next := parts[:0:0]
 		for i := 0; i < len(parts); i += 2 {
