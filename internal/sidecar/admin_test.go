@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -582,4 +583,75 @@ func TestPprof(t *testing.T) {
 	if status, _, body := a.admin(t, "GET", PprofPath+"heap?debug=1"); status != 200 || !strings.Contains(string(body), "heap profile") {
 		t.Errorf("heap profile: %d %.80q", status, body)
 	}
+}
+
+// TestStartFailsCleanly: a sidecar that cannot start (its proxy port, or its embedded
+// NATS port, taken) returns an error that names the address, without panicking, and
+// closes what it opened: the same data directory starts afterwards.
+func TestStartFailsCleanly(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	addr := taken.Addr().String()
+	dir := t.TempDir()
+	load := func(extra string) *config.Config {
+		t.Helper()
+		y := strings.NewReplacer("UPSTREAM", testutil.Echo(t), "DATADIR", filepath.Join(dir, "data")).Replace(admConfig) + extra
+		path := filepath.Join(dir, "gatehouse.yaml")
+		if err := os.WriteFile(path, []byte(y), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := config.Load(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	free := freePort(t)
+	for _, c := range []struct{ name, extra string }{
+		{"proxy port", "nats: {embedded_listen: \"" + free + "\"}\n"},
+		{"embedded NATS port", "nats: {embedded_listen: \"" + addr + "\"}\n"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := load(c.extra)
+			if c.name == "proxy port" {
+				cfg.Listen = addr
+			}
+			s, err := New(Options{Config: cfg, Log: zap.NewNop()})
+			if err == nil {
+				_ = s.Close(context.Background())
+				t.Fatal("started on a taken port")
+			}
+			if s != nil {
+				t.Errorf("New returned a sidecar with its error %v", err)
+			}
+			if !strings.Contains(err.Error(), addr[strings.LastIndexByte(addr, ':'):]) {
+				t.Errorf("error does not name the port of %s: %v", addr, err)
+			}
+		})
+	}
+	// Everything the failed starts opened is closed: the data directory opens again.
+	cfg := load("nats: {embedded_listen: \"" + freePort(t) + "\"}\n")
+	s, err := New(Options{Config: cfg, Log: zap.NewNop()})
+	if err != nil {
+		t.Fatalf("start after the failed ones: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// freePort is a loopback address with a port that was free a moment ago.
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }

@@ -80,10 +80,14 @@ func New(opts Options) (s *Sidecar, err error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	s = &Sidecar{cfg: cfg, log: log, Limiter: limiter.New(), Registry: prometheus.NewRegistry()}
+	sc := &Sidecar{cfg: cfg, log: log, Limiter: limiter.New(), Registry: prometheus.NewRegistry()}
+	s = sc
+	// On failure, close what was opened: sc, since every error return sets s to nil.
 	defer func() {
 		if err != nil {
-			s.closeParts(context.Background())
+			if cerr := sc.closeParts(context.Background()); cerr != nil {
+				log.Warn("closing after a failed start", zap.Error(cerr))
+			}
 		}
 	}()
 	s.seed = opts.Snapshots

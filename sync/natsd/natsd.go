@@ -180,6 +180,15 @@ func startEmbedded(opts Options, log *zap.Logger) (*server.Server, error) {
 	if host == "" {
 		host = "127.0.0.1"
 	}
+	if port != server.RANDOM_PORT {
+		// nats-server only logs a port it cannot listen on, and is then never ready:
+		// try it first, to fail at once with the reason.
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+		if err != nil {
+			return nil, fmt.Errorf("embedded nats (nats.embedded_listen): %w", err)
+		}
+		ln.Close()
+	}
 	dir := filepath.Join(opts.DataDir, "nats")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("embedded nats: %w", err)
