@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/gatehouse-dev/gatehouse/config"
 )
 
 // The usage check: published usage equals admitted usage. The harness counts every 2xx
@@ -18,6 +20,10 @@ import (
 // them with what `gatehouse usage -config FILE -json` reads from stream GATEHOUSE_USAGE,
 // summed over windows. Publication is asynchronous (usage.flush_interval), so it polls
 // until they agree or stop changing.
+
+// usageQuiet is how long published usage may stay the same before the check gives up
+// on it: a message comes every usage.flush_interval (the sidecars run with the default).
+var usageQuiet = 2*config.Default().Usage.FlushInterval + time.Second
 
 // unit is what one admitted request of a template costs one feature.
 type unit struct {
@@ -135,7 +141,7 @@ func (e *env) checkUsageOf(ctx context.Context, ps []*proc, wl *workload, transp
 			stable = 0
 		}
 		last = uc.Published
-		if stable >= 3 || time.Since(start) > 45*time.Second || ctx.Err() != nil {
+		if time.Duration(stable)*time.Second > usageQuiet || time.Since(start) > 45*time.Second || ctx.Err() != nil {
 			uc.Status = "fail"
 			uc.Reason = "published usage stopped changing before it matched"
 			break

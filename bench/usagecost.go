@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"text/tabwriter"
 	"time"
+
+	"github.com/gatehouse-dev/gatehouse/config"
 )
 
 // usage: what usage accounting costs the request path, in one run. Two sidecars from the
@@ -162,7 +164,10 @@ func (usageCostScenario) Run(ctx context.Context, e *env) (*scenarioResult, erro
 	ur.P50Added, ur.P99Added, ur.P999Added, ur.OpenAddedCPU = newStat(d50), newStat(d99), newStat(d999), newStat(ocpu)
 	ur.OpenSummary = summarizeRuns(ur.Open, "open")
 
-	high := runSpec{open: true, rate: o.UsageRate, conns: o.Conns, warmup: o.OpenWarmup, duration: o.OpenDuration, drain: drainFor(o.OpenDuration)}
+	// Long enough for two messages at the default flush interval, so that messages per
+	// second means something.
+	highFor := max(o.OpenDuration, 2*config.Default().Usage.FlushInterval+time.Second)
+	high := runSpec{open: true, rate: o.UsageRate, conns: o.Conns, warmup: o.OpenWarmup, duration: highFor, drain: drainFor(highFor)}
 	if _, err := e.rounds(ctx, fmt.Sprintf("usage open %.0f/s", o.UsageRate), "high", 1, func(int) []*proc { return []*proc{on} }, wl, high, keep(&ur.High)); err != nil {
 		return nil, err
 	}

@@ -191,7 +191,7 @@ func Default() *Config {
 			ShutdownTimeout: 15 * time.Second, MaxHeaderBytes: 16 << 10, MaxBodyBytes: 10 << 20,
 			Concurrency: 256 * 1024,
 		},
-		Usage: Usage{Enabled: true, FlushInterval: time.Second, StreamReplicas: 1, MaxOutboxBytes: 256 << 20},
+		Usage: Usage{Enabled: true, FlushInterval: 5 * time.Second, StreamReplicas: 1, MaxOutboxBytes: 256 << 20},
 		Quota: Quota{
 			Enabled: true, Bucket: "gatehouse_quota", Replicas: 1, MinLease: 10, MaxLease: 100_000,
 			LeasePeriod: 2 * time.Second, LowWaterPercent: 25, Wait: time.Second, IdleReturn: time.Minute,

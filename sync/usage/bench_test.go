@@ -185,13 +185,23 @@ func BenchmarkRecordOpenLoop(b *testing.B) {
 }
 
 // BenchmarkPublisherCost measures what the publisher costs per request, as the steady
-// bench scenario loads it: each round is one flush interval's worth of requests over
-// 10,000 customers (two usages each, one hard-limited), then the flush that publishes
-// them; at the end everything acknowledged is settled into the counters. cpu-ns/rec is
-// the whole process's CPU (the Record calls, the publisher, Badger and the embedded NATS
+// bench scenario loads it: 300,000 requests over 10,000 customers (two usages each, one
+// hard-limited) at 30,000 requests a second, cut into rounds of one flush interval's
+// worth, each followed by the flush that publishes it; at the end everything
+// acknowledged is settled into the counters. The sub-benchmarks are flush intervals of
+// 1 s and 5 s (the default): a message holds one delta per key that had usage, so the
+// longer interval publishes, stores and settles a fifth of the deltas. cpu-ns/rec is the
+// whole process's CPU (the Record calls, the publisher, Badger and the embedded NATS
 // server) per request. Run it with -benchtime=1x; -count for spread.
 func BenchmarkPublisherCost(b *testing.B) {
-	const customers, perRound, rounds = 10000, 30000, 8
+	for _, interval := range []time.Duration{time.Second, 5 * time.Second} {
+		b.Run("flush="+interval.String(), func(b *testing.B) { benchPublisherCost(b, interval) })
+	}
+}
+
+func benchPublisherCost(b *testing.B, interval time.Duration) {
+	const customers, perSecond, total = 10000, 30000, 300000
+	perRound := int(perSecond * interval / time.Second)
 	us := make([][]limiter.Usage, customers)
 	for i := range us {
 		c := fmt.Sprintf("cust_%05d", i)
@@ -202,12 +212,11 @@ func BenchmarkPublisherCost(b *testing.B) {
 	for b.Loop() {
 		b.StopTimer()
 		e := newEnv(b)
-		r := e.recorder(func(o *Options) { o.FlushInterval = time.Second; o.MaxOutboxBytes = 1 << 40 })
+		r := e.recorder(func(o *Options) { o.FlushInterval = interval; o.MaxOutboxBytes = 1 << 40 })
 		runtime.GC()
 		cpu := cpuTime()
 		b.StartTimer()
-		k := 0
-		for range rounds {
+		for k := 0; k < total; {
 			for range perRound {
 				if err := r.Record(us[k*7919%customers]); err != nil {
 					b.Fatal(err)

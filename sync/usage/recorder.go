@@ -20,7 +20,7 @@ import (
 
 // Defaults of Options.
 const (
-	DefaultFlushInterval  = time.Second
+	DefaultFlushInterval  = 5 * time.Second
 	DefaultStreamReplicas = 1
 	DefaultMaxOutboxBytes = 256 << 20
 )
@@ -43,7 +43,7 @@ type Options struct {
 	JS jetstream.JetStream
 	// Log receives the recorder's messages, under the name "usage"; nil discards them.
 	Log *zap.Logger
-	// FlushInterval is how often committed usage is published as one message; default 1s.
+	// FlushInterval is how often committed usage is published as one message; default 5s.
 	FlushInterval time.Duration
 	// StreamReplicas is the replication of the stream when the recorder creates it;
 	// default 1. An existing stream is used as it is.
