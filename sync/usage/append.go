@@ -3,6 +3,8 @@ package usage
 import (
 	"encoding/binary"
 	"fmt"
+	"runtime"
+	"slices"
 
 	"github.com/gatehouse-dev/gatehouse/limiter"
 )
@@ -85,17 +87,99 @@ func decodeRecord(v []byte, keys *keyTable, fn func(at int64, e *logEntry)) erro
 }
 
 // keyTable hands out one keySlot per distinct encoded counter key read from the log:
-// the key decoded once, and its place in the delta set being filled, so that the
-// publisher looks up each usage it reads once, by the key's bytes.
+// the key decoded once, its place in the delta set being filled, so that the publisher
+// looks up each usage it reads once, by the key's bytes, and its rank in key order, so
+// that a cut sorts its deltas by comparing integers (sortByRank).
 type keyTable struct {
-	m   map[string]*keySlot
-	gen uint64 // the last deltaSet's generation
+	m     map[string]*keySlot
+	gen   uint64     // the last deltaSet's generation
+	epoch uint64     // bumped whenever m is replaced: older slots have no rank
+	order []*keySlot // this epoch's ranked slots, in key order (compareKeys)
+	fresh []*keySlot // this epoch's slots not ranked yet
+	spare []*keySlot // the previous order's array, reused by rank
+	max   int        // how many keys m holds before it is replaced (maxTableKeys)
 }
 
+// maxTableKeys is how many keys the table remembers; beyond, it forgets the keys of the
+// past (ended windows, gone customers) rather than grow forever.
+const maxTableKeys = 1 << 20
+
 type keySlot struct {
-	k   limiter.CounterKey
-	gen uint64 // the deltaSet that i is a position in
-	i   int
+	k     limiter.CounterKey
+	gen   uint64 // the deltaSet that i is a position in
+	i     int
+	epoch uint64 // the table's epoch when the slot was made
+	rank  uint32 // position in the table's order, once ranked
+}
+
+// newSet readies the table for a new delta set: it is the only time the table may
+// forget its keys, since a slot replaced while a set is filled would give that set a
+// second entry for the key.
+func (t *keyTable) newSet() uint64 {
+	if t.m == nil || len(t.m) > t.maxKeys() {
+		t.m = make(map[string]*keySlot)
+		t.epoch++
+		t.order, t.fresh, t.spare = nil, nil, nil
+	}
+	t.gen++
+	return t.gen
+}
+
+func (t *keyTable) maxKeys() int {
+	if t.max > 0 {
+		return t.max
+	}
+	return maxTableKeys
+}
+
+// rank gives the slots made since the last call their place in key order, and every
+// slot of the epoch its position in it.
+func (t *keyTable) rank() {
+	if len(t.fresh) == 0 {
+		return
+	}
+	slices.SortFunc(t.fresh, func(a, b *keySlot) int { return compareKeys(&a.k, &b.k) })
+	merged := t.spare[:0]
+	i, j := 0, 0
+	for i < len(t.order) && j < len(t.fresh) {
+		if compareKeys(&t.fresh[j].k, &t.order[i].k) < 0 {
+			merged, j = append(merged, t.fresh[j]), j+1
+		} else {
+			merged, i = append(merged, t.order[i]), i+1
+		}
+		if len(merged)%(32*yieldEvery) == 0 {
+			runtime.Gosched() // see yieldEvery
+		}
+	}
+	merged = append(append(merged, t.order[i:]...), t.fresh[j:]...)
+	for r, s := range merged {
+		s.rank = uint32(r)
+	}
+	clear(t.fresh)
+	t.order, t.spare, t.fresh = merged, t.order, t.fresh[:0]
+}
+
+// sortByRank sorts a cut's deltas into key order by their slots' ranks, as sortEntries
+// would with compareKeys, comparing integers instead of strings. It returns false, and
+// leaves es as it was, when a delta has no slot of the table's epoch (a folded total).
+func sortByRank(t *keyTable, es []batchEntry) bool {
+	for i := range es {
+		if s := es[i].slot; s == nil || s.epoch != t.epoch {
+			return false
+		}
+	}
+	t.rank()
+	order := make([]uint64, len(es))
+	for i := range es {
+		order[i] = uint64(es[i].slot.rank)<<32 | uint64(i)
+	}
+	slices.Sort(order)
+	sorted := make([]batchEntry, len(es))
+	for k, v := range order {
+		sorted[k] = es[uint32(v)]
+	}
+	copy(es, sorted)
+	return true
 }
 
 // slot reads an encoded counter key from d and returns its slot.
@@ -120,11 +204,12 @@ func (t *keyTable) slot(d *decoder) *keySlot {
 	if s, ok := t.m[string(key)]; ok {
 		return s
 	}
-	if t.m == nil || len(t.m) > 1<<20 {
-		t.m = make(map[string]*keySlot) // forget keys of the past rather than grow forever
+	if t.m == nil {
+		t.newSet()
 	}
 	kd := decoder{b: key}
-	s := &keySlot{k: kd.ck()}
+	s := &keySlot{k: kd.ck(), epoch: t.epoch}
 	t.m[string(key)] = s
+	t.fresh = append(t.fresh, s)
 	return s
 }

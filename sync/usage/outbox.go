@@ -228,6 +228,9 @@ func (r *Recorder) addLogged(s *deltaSet, at int64, e *logEntry) {
 	sl := e.key
 	if sl.gen != s.gen {
 		sl.i, sl.gen = s.entryLogged(sl.k), s.gen
+		if s.es[sl.i].slot == nil {
+			s.es[sl.i].slot = sl // (an entry made by a folded total has none)
+		}
 	}
 	i := sl.i
 	d := delta{end: e.end, from: at, to: at, records: 1, quantity: e.quantity, overage: e.x}
@@ -315,8 +318,7 @@ func (r *Recorder) newSet() deltaSet {
 		p.setIdx = make(map[limiter.CounterKey]int)
 	}
 	clear(p.setIdx)
-	p.keys.gen++
-	return deltaSet{idx: p.setIdx, gen: p.keys.gen, durable: p.durable}
+	return deltaSet{idx: p.setIdx, gen: p.keys.newSet(), durable: p.durable}
 }
 
 // readAhead is the log read ahead of the next cut: the set holds the log records from
@@ -426,7 +428,9 @@ func (r *Recorder) cut() error {
 	if taken > 0 {
 		r.settleLogged(&set) // before sorting: set.logged follows set.es
 	}
-	sortEntries(entries)
+	if !sortByRank(&p.keys, entries) {
+		sortEntries(entries)
+	}
 	from, to := entries[0].d.from, entries[0].d.to
 	for i := range entries {
 		from, to = min(from, entries[i].d.from), max(to, entries[i].d.to)
@@ -570,8 +574,9 @@ func sortEntries(es []batchEntry) {
 const sortRun = 256
 
 type batchEntry struct {
-	k limiter.CounterKey
-	d delta
+	k    limiter.CounterKey
+	d    delta
+	slot *keySlot // the key's slot when the delta came from the log (see sortByRank)
 }
 
 func totalSize(k *limiter.CounterKey) int64 { return int64(len(prefixTotal) + ckSize(k) + 48) }

@@ -3,6 +3,7 @@ package usage
 import (
 	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"testing"
@@ -244,4 +245,83 @@ func TestPrefault(t *testing.T) {
 	r2 := e.recorder(hourly)
 	flush(t, r2)
 	checkTotals(t, e.js, want)
+}
+
+// sortByRank orders a cut's deltas as sortEntries does, over cuts that bring new keys
+// (ranked as they come, among the old ones) and old keys in any subset; it declines,
+// leaving the deltas as they were, a delta without a slot of the table's epoch.
+func TestSortByRank(t *testing.T) {
+	var kt keyTable
+	kt.newSet()
+	slotOf := func(k limiter.CounterKey) *keySlot {
+		d := decoder{b: appendCK(nil, &k)}
+		s := kt.slot(&d)
+		if d.err != nil || len(d.b) != 0 {
+			t.Fatalf("slot of %v: %v, %d bytes left", k, d.err, len(d.b))
+		}
+		return s
+	}
+	rnd := rand.New(rand.NewPCG(1, 2))
+	key := func(x int) limiter.CounterKey {
+		return limiter.CounterKey{Customer: fmt.Sprintf("c%d", x%311), Feature: []string{"api_calls", "tokens", "a"}[x%3], WindowStart: int64(x % 7)}
+	}
+	for round, keys := range []int{1, 50, 2000, 2500, 2600, 6000} {
+		seen := map[limiter.CounterKey]bool{}
+		var es []batchEntry
+		for range keys {
+			k := key(rnd.IntN(keys * 2))
+			if !seen[k] {
+				seen[k] = true
+				es = append(es, batchEntry{k: k, slot: slotOf(k), d: delta{quantity: int64(len(es))}})
+			}
+		}
+		want := slices.Clone(es)
+		sortEntries(want)
+		if !sortByRank(&kt, es) {
+			t.Fatalf("round %d: declined deltas that all have slots", round)
+		}
+		for i := range es {
+			if es[i].k != want[i].k || es[i].d != want[i].d {
+				t.Fatalf("round %d: position %d holds %v (%d), want %v (%d)", round, i, es[i].k, es[i].d.quantity, want[i].k, want[i].d.quantity)
+			}
+		}
+	}
+
+	es := []batchEntry{{k: key(1), slot: slotOf(key(1))}, {k: key(0)}} // key(0): a folded total's
+	before := slices.Clone(es)
+	if sortByRank(&kt, es) || !slices.Equal(es, before) {
+		t.Fatal("sorted deltas of which one has no slot")
+	}
+	kt.max = 1
+	kt.newSet() // the table forgets its keys
+	es = es[:1]
+	if sortByRank(&kt, es) {
+		t.Fatal("sorted by the rank of a slot of a forgotten epoch")
+	}
+}
+
+// The publisher's key table forgets its keys only between delta sets: a message never
+// holds two deltas of one key, however many keys it holds, and every unit arrives once.
+func TestKeyTableForgetsBetweenSets(t *testing.T) {
+	e := newEnv(t)
+	r := e.build(hourly)
+	r.readAheadEvery = time.Millisecond
+	r.p.keys.max = 5 // the rounds below bring 120 keys
+	e.start(r)
+	want, sums := newLedger(), map[limiter.CounterKey]int64{}
+	for range 4 {
+		recordRound(t, r, 0, 300, want, sums)
+		time.Sleep(5 * time.Millisecond) // read-ahead steps within the set
+		recordRound(t, r, 0, 300, want, sums)
+		flush(t, r)
+	}
+	checkOnce(t, e.js)
+	checkTotals(t, e.js, want)
+	eventually(t, "settling", func() bool { return r.Stats().Unsettled == 0 })
+	r.Close(expired())
+	if r.p.keys.epoch < 3 {
+		t.Fatalf("the key table forgot its keys %d times, want several", r.p.keys.epoch-1)
+	}
+	e.reopen()
+	sameSums(t, restoreSums(t, e), sums)
 }
