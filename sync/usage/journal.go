@@ -410,22 +410,29 @@ func (j *journal) next(pos, end uint64) (payload []byte, after uint64, err error
 // before they go.
 func (j *journal) sweep(floor uint64) (removed int, err error) {
 	j.segMu.Lock()
-	defer j.segMu.Unlock()
 	cur := j.curStart.Load()
 	keep := j.segs[:0]
+	var gone []*segment
 	for _, seg := range j.segs {
 		if seg.start+segmentSize > floor || seg.start == cur {
 			keep = append(keep, seg)
-			continue
+		} else {
+			gone = append(gone, seg)
 		}
+	}
+	clear(j.segs[len(keep):])
+	j.segs = keep
+	j.segMu.Unlock()
+	// Unmapping and deleting a segment take milliseconds (its pages leave the page
+	// cache): not under segMu, which an append that moves to the next segment takes
+	// while it holds j.mu, with every request behind it. Nothing reads below the floor.
+	for _, seg := range gone {
 		seg.unmap()
 		if rerr := os.Remove(seg.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
 			err = errors.Join(err, fmt.Errorf("usage log: delete published segment: %w", rerr))
 		}
 		removed++
 	}
-	clear(j.segs[len(keep):])
-	j.segs = keep
 	return removed, err
 }
 
