@@ -117,12 +117,17 @@ type keySlot struct {
 // second entry for the key.
 func (t *keyTable) newSet() uint64 {
 	if t.m == nil || len(t.m) > t.maxKeys() {
-		t.m = make(map[string]*keySlot)
-		t.epoch++
-		t.order, t.fresh, t.spare = nil, nil, nil
+		t.forget()
 	}
 	t.gen++
 	return t.gen
+}
+
+// forget starts the table afresh, in a new epoch.
+func (t *keyTable) forget() {
+	t.m = make(map[string]*keySlot)
+	t.epoch++
+	t.order, t.fresh, t.spare = nil, nil, nil
 }
 
 func (t *keyTable) maxKeys() int {
@@ -205,7 +210,7 @@ func (t *keyTable) slot(d *decoder) *keySlot {
 		return s
 	}
 	if t.m == nil {
-		t.newSet()
+		t.forget()
 	}
 	kd := decoder{b: key}
 	s := &keySlot{k: kd.ck(), epoch: t.epoch}
