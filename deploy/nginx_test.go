@@ -176,7 +176,7 @@ func startNginx(t *testing.T, bin, gatehouse, upstream string) *nginxServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := freePort(t)
+	addr := testutil.FreeAddr(t)
 	server = []byte(strings.NewReplacer("LISTEN_ADDR", addr, "GATEHOUSE_ADDR", gatehouse, "UPSTREAM_ADDR", upstream).Replace(string(server)))
 	if err := os.WriteFile(filepath.Join(dir, "gatehouse.conf"), server, 0o644); err != nil {
 		t.Fatal(err)
@@ -259,15 +259,4 @@ func (n *nginxServer) do(t *testing.T, method, path string, headers ...string) (
 		t.Fatal(err)
 	}
 	return resp.StatusCode, resp.Header, body
-}
-
-// freePort returns a loopback address that was free a moment ago.
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }

@@ -264,7 +264,7 @@ func TestUsageSurvivesSIGKILL(t *testing.T) {
 		docs = append(docs, d)
 	}
 	snapFile, _ := json.MarshalIndent(docs, "", "  ")
-	listen, admin := freeAddr(t), freeAddr(t)
+	listen, admin := testutil.FreeAddr(t), testutil.FreeAddr(t)
 	// A 10ms flush interval keeps a publish in flight much of the time, so that some
 	// kills fall between JetStream storing a message and the sidecar recording its
 	// acknowledgement (the run after finds it stored: counted in the report).

@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -395,19 +394,6 @@ func pushSnapshots(t testing.TB, js jetstream.JetStream, snaps []*limiter.Snapsh
 	if res.Written != len(snaps) {
 		t.Fatalf("push wrote %d of %d snapshots", res.Written, len(snaps))
 	}
-}
-
-// freeAddr returns a loopback address with a port that was free a moment ago, for
-// processes that must come back on the same port after a restart.
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }
 
 func writeFile(t testing.TB, dir, name string, data []byte) string {

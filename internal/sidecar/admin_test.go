@@ -609,7 +609,7 @@ func TestStartFailsCleanly(t *testing.T) {
 		}
 		return cfg
 	}
-	free := freePort(t)
+	free := testutil.FreeAddr(t)
 	for _, c := range []struct{ name, extra string }{
 		{"proxy port", "nats: {embedded_listen: \"" + free + "\"}\n"},
 		{"embedded NATS port", "nats: {embedded_listen: \"" + addr + "\"}\n"},
@@ -633,7 +633,7 @@ func TestStartFailsCleanly(t *testing.T) {
 		})
 	}
 	// Everything the failed starts opened is closed: the data directory opens again.
-	cfg := load("nats: {embedded_listen: \"" + freePort(t) + "\"}\n")
+	cfg := load("nats: {embedded_listen: \"" + testutil.FreeAddr(t) + "\"}\n")
 	s, err := New(Options{Config: cfg, Log: zap.NewNop()})
 	if err != nil {
 		t.Fatalf("start after the failed ones: %v", err)
@@ -643,15 +643,4 @@ func TestStartFailsCleanly(t *testing.T) {
 	if err := s.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// freePort is a loopback address with a port that was free a moment ago.
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }

@@ -87,6 +87,19 @@ func Echo(t testing.TB) string {
 	return ln.Addr().String()
 }
 
+// FreeAddr returns a loopback address with a port that was free a moment ago: for a
+// listener the test cannot hand a :0 to, or a process that must come back on the same
+// port after a restart.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
 // Buffer is a bytes.Buffer that many goroutines may write while a test reads it: a
 // zapcore.WriteSyncer for captured logs, or a command's output.
 type Buffer struct {
