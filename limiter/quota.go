@@ -94,8 +94,15 @@ func (c *Counter) TakeLease(n int64) int64 {
 	}
 }
 
-// RefillDone lets the request path ask Quota.Refill again.
-func (c *Counter) RefillDone() { c.asked.Store(false) }
+// RefillDone lets the request path ask Quota.Refill again. The quota's maintenance
+// calls it for every lease a few times a second: it writes only when there is something
+// to undo, so that the counter's cache line, which every request of the key reads and
+// writes, is not taken from the CPUs serving them for nothing.
+func (c *Counter) RefillDone() {
+	if c.asked.Load() {
+		c.asked.Store(false)
+	}
+}
 
 // maxAcquire bounds the rounds of one reservation with Quota.Acquire, which bounds each
 // round's wait; it only matters when other requests take each refill first.
