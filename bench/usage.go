@@ -22,8 +22,15 @@ import (
 // until they agree or stop changing.
 
 // usageQuiet is how long published usage may stay the same before the check gives up
-// on it: a message comes every usage.flush_interval (the sidecars run with the default).
-var usageQuiet = 2*config.Default().Usage.FlushInterval + time.Second
+// on it: two of the sidecar's flush intervals and a second (the default's when its
+// configuration does not load here: a -gatehouse binary of another version).
+func usageQuiet(configPath string) time.Duration {
+	interval := config.Default().Usage.FlushInterval
+	if cfg, err := config.Load(configPath); err == nil {
+		interval = cfg.Usage.FlushInterval
+	}
+	return 2*interval + time.Second
+}
 
 // unit is what one admitted request of a template costs one feature.
 type unit struct {
@@ -99,6 +106,7 @@ func (e *env) checkUsageOf(ctx context.Context, ps []*proc, wl *workload, transp
 		uc.Reason = "-usage=false: the sidecar ran with usage accounting off"
 		return uc
 	}
+	quiet := usageQuiet(p.config)
 	start := time.Now()
 	var last int64 = -1
 	stable := 0
@@ -141,7 +149,7 @@ func (e *env) checkUsageOf(ctx context.Context, ps []*proc, wl *workload, transp
 			stable = 0
 		}
 		last = uc.Published
-		if time.Duration(stable)*time.Second > usageQuiet || time.Since(start) > 45*time.Second || ctx.Err() != nil {
+		if time.Duration(stable)*time.Second > quiet || time.Since(start) > 45*time.Second || ctx.Err() != nil {
 			uc.Status = "fail"
 			uc.Reason = "published usage stopped changing before it matched"
 			break
