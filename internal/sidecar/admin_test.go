@@ -77,15 +77,7 @@ type admSidecar struct {
 func startAdmSidecar(t testing.TB, cfgYAML string, log *zap.Logger) *admSidecar {
 	t.Helper()
 	dir := t.TempDir()
-	cfgYAML = strings.NewReplacer("UPSTREAM", testutil.Echo(t), "DATADIR", filepath.Join(dir, "data")).Replace(cfgYAML)
-	path := filepath.Join(dir, "gatehouse.yaml")
-	if err := os.WriteFile(path, []byte(cfgYAML), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := config.Load(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := writeAdmConfig(t, dir, cfgYAML)
 	snaps, err := limiter.ParseSnapshots(strings.NewReader(admSnapshots))
 	if err != nil {
 		t.Fatal(err)
@@ -110,6 +102,22 @@ func startAdmSidecar(t testing.TB, cfgYAML string, log *zap.Logger) *admSidecar 
 	})
 	return &admSidecar{Sidecar: s, dir: dir, proxyURL: "http://" + s.Addr().String(), adminURL: "http://" + s.AdminAddr().String(),
 		client: &fasthttp.HostClient{Addr: s.Addr().String(), MaxConns: 64}}
+}
+
+// writeAdmConfig writes cfgYAML (UPSTREAM and DATADIR filled in, DATADIR under dir) to
+// dir/gatehouse.yaml and loads it.
+func writeAdmConfig(t testing.TB, dir, cfgYAML string) *config.Config {
+	t.Helper()
+	cfgYAML = strings.NewReplacer("UPSTREAM", testutil.Echo(t), "DATADIR", filepath.Join(dir, "data")).Replace(cfgYAML)
+	path := filepath.Join(dir, "gatehouse.yaml")
+	if err := os.WriteFile(path, []byte(cfgYAML), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }
 
 func (a *admSidecar) configPath() string { return filepath.Join(a.dir, "gatehouse.yaml") }
@@ -596,19 +604,7 @@ func TestStartFailsCleanly(t *testing.T) {
 	defer taken.Close()
 	addr := taken.Addr().String()
 	dir := t.TempDir()
-	load := func(extra string) *config.Config {
-		t.Helper()
-		y := strings.NewReplacer("UPSTREAM", testutil.Echo(t), "DATADIR", filepath.Join(dir, "data")).Replace(admConfig) + extra
-		path := filepath.Join(dir, "gatehouse.yaml")
-		if err := os.WriteFile(path, []byte(y), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := config.Load(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cfg
-	}
+	load := func(extra string) *config.Config { return writeAdmConfig(t, dir, admConfig+extra) }
 	free := testutil.FreeAddr(t)
 	for _, c := range []struct{ name, extra string }{
 		{"proxy port", "nats: {embedded_listen: \"" + free + "\"}\n"},
