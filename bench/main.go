@@ -77,7 +77,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	scen := fs.String("scenario", "all", "comma-separated scenarios: steady, exhaust, churn, fleet, outage, usage; all: every one but usage")
 	rates := fs.String("rates", "2000,10000", "open-loop rates for the latency-against-load chart, besides -rate (empty: none)")
 	fs.DurationVar(&o.Duration, "duration", 4*time.Second, "recorded time of each closed-loop run")
-	fs.StringVar(&o.SlowLog, "slow-log", "", "write every recorded open-loop request slower than -slow-over to this file: intended send time (unix µs), latency (µs), target and run, one per line: whether slow requests come in bursts, and when (the sidecar's usage flush interval is 1 s)")
+	fs.StringVar(&o.SlowLog, "slow-log", "", "write every recorded open-loop request slower than -slow-over to this file: intended send time (unix µs), latency (µs), target and run, one per line: whether slow requests come in bursts, and when (the sidecar's usage flush interval is 5 s by default)")
 	fs.DurationVar(&o.SlowOver, "slow-over", 1500*time.Microsecond, "see -slow-log")
 	fs.DurationVar(&o.Warmup, "warmup", time.Second, "unrecorded warm-up before each closed-loop run")
 	fs.DurationVar(&o.OpenDuration, "open-duration", 3*time.Second, "recorded time of each open-loop run at -rate")
