@@ -59,6 +59,9 @@ type ReplicaStats struct {
 	CaughtUp    bool          `json:"caught_up"`    // has caught up with the bucket at least once
 	LastContact time.Time     `json:"last_contact"` // last word from NATS; zero: never
 	Staleness   time.Duration `json:"-"`            // how far behind the control plane the replica may be
+	Customers   int           `json:"customers"`    // customers in the replica
+	Cached      int           `json:"cached"`       // customers decoded in memory
+	Loads       uint64        `json:"loads"`        // Badger reads made by cache misses since start
 }
 
 // MarshalJSON writes Staleness in seconds and a LastContact that never happened as null.
@@ -126,6 +129,9 @@ func (s *Sidecar) attach(p Parts) error {
 		gauge("gatehouse_replica_last_contact_timestamp_seconds", "Last word from NATS, Unix seconds (0: never).", func() float64 { return unixSeconds(st().LastContact) })
 		gauge("gatehouse_replica_caught_up", "1 once the replica has caught up with the bucket.", func() float64 { return boolFloat(st().CaughtUp) })
 		counter("gatehouse_replica_applied_total", "Entitlement snapshots applied.", func() float64 { return float64(st().Applied) })
+		gauge("gatehouse_replica_customers", "Customers in the replica.", func() float64 { return float64(st().Customers) })
+		gauge("gatehouse_replica_cached_customers", "Customers decoded in memory (entitlements.cache_size bounds them).", func() float64 { return float64(st().Cached) })
+		counter("gatehouse_replica_cache_loads_total", "Badger reads on the request path: customers not in memory, known or not.", func() float64 { return float64(st().Loads) })
 		counter("gatehouse_replica_rejected_snapshots_total", "Entitlement snapshots rejected whole (bad JSON or invalid); the last good one stays.", func() float64 { return float64(st().Rejected) })
 	}
 	if u := p.Usage; u != nil && u.Stats != nil {

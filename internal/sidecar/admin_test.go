@@ -481,7 +481,7 @@ func TestMetricsEndpoint(t *testing.T) {
 
 	rep := &fakeReplica{}
 	rep.stats.Store(&ReplicaStats{Revision: 5, Lag: 2, Applied: 10, Rejected: 1, Staleness: 1500 * time.Millisecond,
-		LastContact: time.Unix(1_800_000_000, 0)})
+		LastContact: time.Unix(1_800_000_000, 0), Customers: 40, Cached: 30, Loads: 31})
 	var usage atomic.Pointer[UsageStats]
 	usage.Store(&UsageStats{OutboxBytes: 4096, OutboxRecords: 3, LogFileBytes: 8 << 20, PublishErrors: 1})
 	var leases atomic.Pointer[LeaseStats]
@@ -508,6 +508,7 @@ func TestMetricsEndpoint(t *testing.T) {
 		"gatehouse_replica_revision": 5, "gatehouse_replica_lag_revisions": 2, "gatehouse_replica_applied_total": 10,
 		"gatehouse_replica_rejected_snapshots_total": 1, "gatehouse_replica_staleness_seconds": 1.5,
 		"gatehouse_replica_last_contact_timestamp_seconds": 1.8e9, "gatehouse_replica_caught_up": 0,
+		"gatehouse_replica_customers": 40, "gatehouse_replica_cached_customers": 30, "gatehouse_replica_cache_loads_total": 31,
 		"gatehouse_usage_outbox_bytes": 4096, "gatehouse_usage_outbox_records": 3, "gatehouse_usage_log_file_bytes": 8 << 20, "gatehouse_usage_publish_errors_total": 1,
 		"gatehouse_usage_outbox_at_bound": 0,
 		"gatehouse_lease_refills_total":   4, "gatehouse_lease_refill_errors_total": 1, "gatehouse_leases_held": 2,

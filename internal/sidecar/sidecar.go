@@ -409,7 +409,8 @@ func (s *Sidecar) parts() Parts {
 		p.Replica = &ReplicaView{Resync: r.Resync, Stats: func() ReplicaStats {
 			st := r.Stats()
 			return ReplicaStats{Revision: st.Revision, Applied: st.Applied, Rejected: st.Rejected,
-				CaughtUp: st.CaughtUp, LastContact: st.LastContact, Staleness: st.Staleness}
+				CaughtUp: st.CaughtUp, LastContact: st.LastContact, Staleness: st.Staleness,
+				Customers: st.Customers, Cached: st.CacheLen, Loads: st.Loads}
 		}}
 	}
 	if q := s.Quota; q != nil {
