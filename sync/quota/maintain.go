@@ -107,20 +107,29 @@ func (m *Manager) maintainLoop() {
 	}
 }
 
-// maintain lets the request path ask for refills again, returns the leases that sat
-// idle for Options.IdleReturn, those of windows that ended and those a lowered limit no
-// longer covers, retries returns that failed, and forgets leases Options.Retention
-// after their window ended (deleting their keys when the bucket has no TTL).
+// maintain lets the request path ask for refills again where the refill loop turned
+// an ask down, and, every walkEvery ticks, returns the leases that sat idle for
+// Options.IdleReturn, those of windows that ended and those a lowered limit no longer
+// covers, retries returns that failed, and forgets leases Options.Retention after their
+// window ended (deleting their keys when the bucket has no TTL).
 //
-// It walks every lease each tick without holding Manager.mu (see walk): what it reads
-// is atomic, immutable or its own, and it takes the lock only for a lease it acts on,
-// so that Acquire on the request path never waits behind a walk of thousands of leases.
+// Far from the limits no lease asks, so a tick between walks touches no lease: a walk
+// reads every lease's counter, a cache miss each, which the request path then pays
+// for too. A walk takes no Manager.mu while it runs (see walk): what it reads is atomic,
+// immutable or its own, and it takes the lock only for a lease it acts on, so that
+// Acquire on the request path never waits behind a walk of thousands of leases.
 func (m *Manager) maintain() {
 	now := m.now()
 	n := now.UnixNano()
+	m.letAsk(n)
+	m.ticks++
+	all := m.dropped.Swap(false) // asks were lost: any counter may be waiting
+	if !all && m.ticks%max(m.walkEvery, 1) != 0 {
+		return
+	}
 	var forget, give []*lease
 	m.walkBuf = m.walk(m.walkBuf, func(l *lease) {
-		if l.job.Load() == nil && n >= l.aheadUntil.Load() {
+		if all && l.job.Load() == nil && n >= l.aheadUntil.Load() {
 			l.c.RefillDone()
 		}
 		held := l.c.Held()
@@ -154,6 +163,23 @@ func (m *Manager) maintain() {
 	if len(forget) > 0 {
 		m.forget(forget)
 	}
+}
+
+// letAsk lets the counters of the leases whose ask was turned down ask again, once
+// no refill is under way and the backoff after the last one has passed.
+func (m *Manager) letAsk(n int64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	keep := m.declined[:0]
+	for _, l := range m.declined {
+		if l.job.Load() == nil && n >= l.aheadUntil.Load() {
+			l.c.RefillDone()
+		} else {
+			keep = append(keep, l)
+		}
+	}
+	clear(m.declined[len(keep):])
+	m.declined = keep
 }
 
 // forget deletes the saved leases of windows long over, and their keys when the bucket

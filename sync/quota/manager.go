@@ -106,8 +106,13 @@ type Manager struct {
 	list       []*lease // every lease of leases, in no order, for walk; lease.idx indexes it
 
 	refills chan refillReq // Refill's requests, for the refill loop
-	stop    chan struct{}  // closed by Close: the loops end
-	sem     chan struct{}  // bounds the jobs talking to NATS at once
+	// declined are the leases whose ask the refill loop turned down (fleet exhausted,
+	// backing off, NATS away): their counters stay asked until the maintenance loop
+	// lets them ask again. Guarded by mu.
+	declined []*lease
+	dropped  atomic.Bool   // an ask found refills full: the next tick lets every lease ask again
+	stop     chan struct{} // closed by Close: the loops end
+	sem      chan struct{} // bounds the jobs talking to NATS at once
 
 	ctx     context.Context // cancelled by Close, after the last return
 	cancel  context.CancelFunc
@@ -120,9 +125,11 @@ type Manager struct {
 	closed  atomic.Bool
 	once    sync.Once
 	walkBuf []*lease // the maintenance loop's chunk of leases (see walk); only it uses it
+	ticks   int      // maintenance ticks so far; only the maintenance loop uses it
 
 	// Tunables; tests shorten them.
-	tick        time.Duration // maintenance period
+	tick        time.Duration // maintenance period: asks turned down may be made again
+	walkEvery   int           // ticks per walk of every lease (idle returns, ended windows, retries)
 	recheck     time.Duration // after finding the fleet exhausted, answer so without asking for this long
 	failBackoff time.Duration // after a failed refill, refills ahead of need wait this long (recheck after one that found nothing)
 	wantIdle    time.Duration // asked for unused quota, a lease unused this long is returned (want.go)
@@ -196,7 +203,7 @@ func New(opts Options) (*Manager, error) {
 		leases: map[limiter.CounterKey]*lease{}, byCustomer: map[string][]*lease{},
 		refills: make(chan refillReq, 1024), stop: make(chan struct{}), sem: make(chan struct{}, 16),
 		ctx: ctx, cancel: cancel,
-		tick: 250 * time.Millisecond, recheck: 500 * time.Millisecond, failBackoff: 250 * time.Millisecond,
+		tick: 250 * time.Millisecond, walkEvery: 4, recheck: 500 * time.Millisecond, failBackoff: 250 * time.Millisecond,
 		wantIdle: defaultWantIdle, wantBusy: defaultWantBusy,
 	}
 	return m, nil
@@ -405,6 +412,7 @@ func (m *Manager) Refill(s *limiter.Snapshot, f *limiter.Feature, c *limiter.Cou
 	select {
 	case m.refills <- refillReq{s, f, c}:
 	default: // full: the maintenance loop lets the request path ask again
+		m.dropped.Store(true)
 	}
 }
 
@@ -422,8 +430,13 @@ func (m *Manager) refillLoop() {
 		l := m.leaseLocked(r.c)
 		l.noteLimit(r.s, r.f)
 		now := m.now().UnixNano()
-		if now >= l.exhaustedUntil && now >= l.aheadUntil.Load() && m.connected() {
+		if l.job.Load() == nil && now >= l.exhaustedUntil && now >= l.aheadUntil.Load() && m.connected() {
 			m.refillLocked(l, 0)
+		} else {
+			// A refill under way already tops the lease up; it lets the counter
+			// ask again when it ends, unless this ask came after that: the
+			// maintenance loop does then.
+			m.declined = append(m.declined, l)
 		}
 		m.mu.Unlock()
 	}

@@ -322,3 +322,39 @@ func TestShadow(t *testing.T) {
 		t.Errorf("committed %d, lease %d", c.Committed(), c.Lease())
 	}
 }
+
+// TestAskAgain: an ask for a refill ahead of need that the refill loop turns down (here
+// because NATS is away) must not stop the counter from asking again: once NATS is back,
+// the next request below the low water refills the lease ahead of need, before it runs
+// dry.
+func TestAskAgain(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, func(o *Options) { o.MinLease, o.MaxLease = 40, 40; o.Wait = 300 * time.Millisecond })
+	s := snap(t, "cust_a", 100_000, 1)
+	a.do(s, 1, false)
+	c := a.counter(s)
+	eventually(t, "the first lease", func() bool { g, _ := a.m.Grant(c.Key); return g > 0 && c.Lease() == g-1 })
+	nats.Shutdown()
+	eventually(t, "the client to notice", func() bool { return !a.m.connected() })
+	// Below the low water: the request path asks, and the refill loop turns it down.
+	for c.Lease() >= c.LeaseLow() {
+		if d := a.do(s, 1, false); d.Reason != limiter.OK {
+			t.Fatalf("lease in hand refused: %+v", d)
+		}
+	}
+	left := c.Lease()
+	if left < 2 {
+		t.Fatalf("lease %d: the test needs two requests left in it", left)
+	}
+	refills := a.m.Stats().Refills
+	nats.Restart()
+	eventually(t, "the client to reconnect", func() bool { return a.m.connected() })
+	time.Sleep(3 * a.m.tick) // past any backoff and a maintenance tick
+	if d := a.do(s, 1, false); d.Reason != limiter.OK {
+		t.Fatalf("after NATS returned: %+v", d)
+	}
+	eventually(t, "a refill ahead of need", func() bool { return c.Lease() > left-1 })
+	if got := a.m.Stats().Refills; got <= refills {
+		t.Errorf("refills %d, want more than the %d before NATS returned", got, refills)
+	}
+}
