@@ -199,17 +199,26 @@ func TestStaleLimit(t *testing.T) {
 	}
 }
 
-// TestUnreachable: with NATS away, a member spends the lease in hand, then refuses
-// (QuotaUnavailable) or, failing open, admits and counts.
-func TestUnreachable(t *testing.T) {
+// leasedThenCutOff starts a member whose leases are all of size lease, has it take a
+// lease of customer id's "calls" (limit limit) with one request, then stops NATS and
+// waits for the member to notice.
+func leasedThenCutOff(t *testing.T, id string, limit, lease int64) (*testutil.NATS, *member, *limiter.Snapshot, *limiter.Counter) {
+	t.Helper()
 	nats := testutil.StartNATS(t)
-	a := newMember(t, nats, func(o *Options) { o.MinLease, o.MaxLease = 50, 50; o.Wait = 300 * time.Millisecond })
-	s := snap(t, "cust_u", 1000, 1)
+	a := newMember(t, nats, func(o *Options) { o.MinLease, o.MaxLease = lease, lease; o.Wait = 300 * time.Millisecond })
+	s := snap(t, id, limit, 1)
 	a.do(s, 1, false)
 	c := a.counter(s)
 	eventually(t, "the lease to settle", func() bool { g, _ := a.m.Grant(c.Key); return g > 0 && c.Lease() == g-1 })
 	nats.Shutdown()
 	eventually(t, "the client to notice", func() bool { return !a.m.connected() })
+	return nats, a, s, c
+}
+
+// TestUnreachable: with NATS away, a member spends the lease in hand, then refuses
+// (QuotaUnavailable) or, failing open, admits and counts.
+func TestUnreachable(t *testing.T) {
+	_, a, s, c := leasedThenCutOff(t, "cust_u", 1000, 50)
 	held := c.Lease()
 	for range held {
 		if d := a.do(s, 1, false); d.Reason != limiter.OK {
@@ -328,14 +337,7 @@ func TestShadow(t *testing.T) {
 // the next request below the low water refills the lease ahead of need, before it runs
 // dry.
 func TestAskAgain(t *testing.T) {
-	nats := testutil.StartNATS(t)
-	a := newMember(t, nats, func(o *Options) { o.MinLease, o.MaxLease = 40, 40; o.Wait = 300 * time.Millisecond })
-	s := snap(t, "cust_a", 100_000, 1)
-	a.do(s, 1, false)
-	c := a.counter(s)
-	eventually(t, "the first lease", func() bool { g, _ := a.m.Grant(c.Key); return g > 0 && c.Lease() == g-1 })
-	nats.Shutdown()
-	eventually(t, "the client to notice", func() bool { return !a.m.connected() })
+	nats, a, s, c := leasedThenCutOff(t, "cust_a", 100_000, 40)
 	// Below the low water: the request path asks, and the refill loop turns it down.
 	for c.Lease() >= c.LeaseLow() {
 		if d := a.do(s, 1, false); d.Reason != limiter.OK {
