@@ -58,8 +58,11 @@
 // at most a quarter of Options.Wait; an ask that found nothing is not repeated until
 // the key's value changes. Far from the limit nothing is asked.
 //
-// The maintenance loop walks every lease each tick without holding the Manager's lock
-// across the walk, so that the request path never waits behind it.
+// The maintenance loop lets a counter whose ask was turned down (backoff, fleet
+// exhausted, NATS away) ask again every tick (250 ms), and walks every lease once a
+// second for idle returns, ended windows and failed returns, without holding the
+// Manager's lock across the walk, so that the request path never waits behind it. Far
+// from the limits a tick between walks touches no lease.
 //
 // # Returns, restarts and cleanup
 //
