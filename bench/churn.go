@@ -51,7 +51,7 @@ type churnResult struct {
 	Customers int        `json:"customers"`
 	Flip      int        `json:"flip_customers"`      // their advanced_analytics is toggled; the load asks them nothing that needs it
 	Updates   float64    `json:"offered_update_rate"` // snapshots per second
-	Warm      *runRecord `json:"warm_up_run"`         // one hello per customer, before the rounds
+	Warm      *runRecord `json:"warm_up_run"`         // one search per customer (its first leases), before the rounds
 	Every     float64    `json:"push_every_s"`
 	Batch     int        `json:"snapshots_per_push"`
 	// Closed loop, in rounds of (quiet, churn) back to back, alternating which goes first.

@@ -35,7 +35,7 @@ type fleetResult struct {
 	Sidecars  int `json:"sidecars"`
 	Customers int `json:"customers"`
 	// Closed loop, in rounds of (one sidecar, the fleet) back to back, alternating which
-	// goes first, after one hello per customer on each sidecar (its first leases).
+	// goes first, after one search per customer on each sidecar (its first leases).
 	Warm            []*runRecord             `json:"warm_up_runs"`
 	Closed          []*runRecord             `json:"closed_loop_runs"`
 	Rounds          []round                  `json:"closed_loop_rounds"`
@@ -144,7 +144,7 @@ func (fleetScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) {
 		fr.Warm = append(fr.Warm, r)
 		warmed += r.Requests
 	}
-	before = phase("first leases (a hello per customer)", before, warmed)
+	before = phase("first leases (a search per customer)", before, warmed)
 	order := func(i int) []*proc {
 		if i%2 == 0 {
 			return []*proc{one, all}
@@ -252,7 +252,7 @@ func writeFleet(w io.Writer, fr *fleetResult) {
 	if len(fr.Closed) > 0 {
 		dur = fr.Closed[0].Seconds
 	}
-	fmt.Fprintf(w, "\nClosed loop, the same connections all on one sidecar (one) or spread over %d (fleet): %d rounds of %.0f s, after a hello per customer on each sidecar; req/s and CPU (all sidecars): median over rounds.\n",
+	fmt.Fprintf(w, "\nClosed loop, the same connections all on one sidecar (one) or spread over %d (fleet): %d rounds of %.0f s, after a search per customer on each sidecar (its first leases); req/s and CPU (all sidecars): median over rounds.\n",
 		fr.Sidecars, len(fr.Rounds), dur)
 	writeRuns(w, fr.ClosedSummary, []string{"one", "fleet"}, false, "vs one", func(t string) string {
 		if t == "fleet" {

@@ -46,7 +46,7 @@ func (outageScenario) plan(o *options) time.Duration {
 type outageResult struct {
 	Customers int                `json:"customers"`
 	Rate      float64            `json:"rate"`
-	Warm      *runRecord         `json:"warm_up_run"` // one hello per customer, before the run
+	Warm      *runRecord         `json:"warm_up_run"` // one search per customer, before the run
 	Run       *runRecord         `json:"run"`
 	Refusals  map[string]float64 `json:"refusals"` // the sidecar's non-allow decisions during the run, by result and reason
 	Segments  []outageSeg        `json:"segments"` // before, during, after
@@ -116,8 +116,8 @@ func (outageScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) 
 	if err := steadySanity(wl, admitted, sc); err != nil {
 		return nil, err
 	}
-	// One hello per customer first, so that each holds its fleet lease of api_calls
-	// before NATS goes: the outage then tests serving from what the sidecar has. (A
+	// One search per customer first, so that each holds its fleet leases of api_calls
+	// and searches before NATS goes: the outage then tests serving from what the sidecar has. (A
 	// customer first seen while NATS is away has no lease to spend, and its hard-limited
 	// routes answer as on_unavailable says: 503 quota_unavailable with the default deny.)
 	if or.Warm, err = e.warmLeases(ctx, "outage warm-up", sc, wl, o.Customers); err != nil {

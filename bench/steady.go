@@ -25,7 +25,7 @@ const steadyAbout = "customers on a mix of boolean and metered routes (hello: me
 type steadyResult struct {
 	Customers int    `json:"customers"`
 	Nginx     string `json:"nginx"`
-	// Warm is one hello per customer before anything is measured (its first leases).
+	// Warm is one search per customer before anything is measured (its first leases).
 	Warm *runRecord `json:"warm_up_run"`
 	// Closed loop, in rounds: each round measures sidecar and bare proxy back to back
 	// (alternating which goes first) and nginx next to the bare proxy.

@@ -47,7 +47,7 @@ func (usageCostScenario) plan(o *options) time.Duration {
 // usageCostResult is the usage scenario's part of results.json.
 type usageCostResult struct {
 	Customers int          `json:"customers"`
-	Warm      []*runRecord `json:"warm_up_runs"` // one hello per customer on each sidecar
+	Warm      []*runRecord `json:"warm_up_runs"` // one search per customer on each sidecar (its first leases)
 	// Closed loop, in rounds of (usage-on, usage-off) back to back, alternating which
 	// goes first.
 	Closed          []*runRecord             `json:"closed_loop_runs"`

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"time"
 )
@@ -200,14 +201,32 @@ func steadyWorkload(n int) *workload {
 	return wl
 }
 
-// leaseWarmup is one hello for each of steady's first n customers (wl's templates from
-// index 0), sent once: the first request of a customer on a sidecar takes a fleet lease
-// of api_calls from the bucket (a KV round trip), and thousands of them would otherwise
-// land in the first measured run.
+// leaseWarmup sends, once, for each of steady's first n customers (wl's templates from
+// index 0), the requests that together use every metered feature of the steady routes
+// (a search: api_calls and searches): the first request of a (customer,
+// feature) on a sidecar takes a fleet lease from the bucket (a KV round trip, on the
+// request path), and thousands of them would otherwise land in the first measured run.
 func leaseWarmup(wl *workload, n int) *workload {
 	warm := &workload{reqs: wl.reqs, uses: wl.uses, shared: true}
+	routes := make([]int, len(steadyRoutes)) // the routes that use most first: fewer requests
+	for ri := range routes {
+		routes[ri] = ri
+	}
+	slices.SortStableFunc(routes, func(a, b int) int { return len(wl.uses[b]) - len(wl.uses[a]) })
 	for c := range n {
-		warm.order = append(warm.order, uint32(c*len(steadyRoutes)))
+		seen := map[string]bool{}
+		for _, ri := range routes {
+			t := c*len(steadyRoutes) + ri
+			fresh := false
+			for _, u := range wl.uses[t] {
+				if !seen[u.feature] {
+					seen[u.feature], fresh = true, true
+				}
+			}
+			if fresh {
+				warm.order = append(warm.order, uint32(t))
+			}
+		}
 	}
 	return warm
 }
