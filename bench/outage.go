@@ -116,8 +116,8 @@ func (outageScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) 
 	if err := steadySanity(wl, admitted, sc); err != nil {
 		return nil, err
 	}
-	// One search per customer first, so that each holds its fleet leases of api_calls
-	// and searches before NATS goes: the outage then tests serving from what the sidecar has. (A
+	// One search per customer first, so that each holds its fleet lease of api_calls
+	// before NATS goes: the outage then tests serving from what the sidecar has. (A
 	// customer first seen while NATS is away has no lease to spend, and its hard-limited
 	// routes answer as on_unavailable says: 503 quota_unavailable with the default deny.)
 	if or.Warm, err = e.warmLeases(ctx, "outage warm-up", sc, wl, o.Customers); err != nil {

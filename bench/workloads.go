@@ -202,10 +202,12 @@ func steadyWorkload(n int) *workload {
 }
 
 // leaseWarmup sends, once, for each of steady's first n customers (wl's templates from
-// index 0), the requests that together use every metered feature of the steady routes
-// (a search: api_calls and searches): the first request of a (customer,
-// feature) on a sidecar takes a fleet lease from the bucket (a KV round trip, on the
-// request path), and thousands of them would otherwise land in the first measured run.
+// index 0), the fewest requests that together use every metered feature of the steady
+// routes (one search: api_calls and searches), so that what the first use of a
+// (customer, feature) costs a sidecar stays out of the measured runs: for a hard limit
+// (api_calls) a fleet lease from the bucket, a KV round trip on the request path, and
+// thousands of them; for every metered feature the window's counter and the
+// publisher's first delta of the key. (searches is a soft limit: it takes no lease.)
 func leaseWarmup(wl *workload, n int) *workload {
 	warm := &workload{reqs: wl.reqs, uses: wl.uses, shared: true}
 	routes := make([]int, len(steadyRoutes)) // the routes that use most first: fewer requests

@@ -5,9 +5,9 @@ import (
 	"testing"
 )
 
-// TestLeaseWarmup: the warm-up takes every lease steady's requests use, for every
-// customer, with as few requests as that takes (one search each: api_calls and
-// searches).
+// TestLeaseWarmup: the warm-up uses every metered feature steady's requests use, for
+// every customer (so every lease and counter is taken before the measured runs), with as
+// few requests as that takes (one search each: api_calls and searches).
 func TestLeaseWarmup(t *testing.T) {
 	const n = 5
 	wl := steadyWorkload(n)
@@ -36,7 +36,7 @@ func TestLeaseWarmup(t *testing.T) {
 	for c, fs := range need {
 		for f := range fs {
 			if !got[c][f] {
-				t.Errorf("the warm-up takes no lease of %s for %s (warm-up order %v)", f, c, warm.order)
+				t.Errorf("the warm-up never uses %s for %s (warm-up order %v)", f, c, warm.order)
 			}
 		}
 	}
