@@ -116,6 +116,12 @@ func (r *scenarioResult) check(name string, pass bool, format string, args ...an
 	r.Checks = append(r.Checks, check{Name: name, Pass: pass, Detail: fmt.Sprintf(format, args...)})
 }
 
+// atMostMs reports whether v, a latency difference in milliseconds computed from the
+// histograms' whole microseconds, is at most bound. It compares whole microseconds:
+// in floating point 0.800 - 0.500 is 0.30000000000000004, and a difference of exactly
+// the bound would read as a miss.
+func atMostMs(v, bound float64) bool { return math.Round(v*1000) <= math.Round(bound*1000) }
+
 // settle sets Status from the checks.
 func (r *scenarioResult) settle() {
 	r.Status = "pass"
