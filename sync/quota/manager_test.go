@@ -360,3 +360,44 @@ func TestAskAgain(t *testing.T) {
 		t.Errorf("refills %d, want more than the %d before NATS returned", got, refills)
 	}
 }
+
+// TestAskAgainAfterDrop: an ask that found the refill queue full is lost; the next
+// maintenance tick lets every counter ask again, so the lease is still refilled ahead
+// of need.
+func TestAskAgainAfterDrop(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, func(o *Options) { o.MinLease, o.MaxLease = 40, 40 })
+	s, other := snap(t, "cust_d", 100_000, 1), snap(t, "cust_o", 100_000, 1)
+	a.do(s, 1, false)
+	a.do(other, 1, false)
+	c, oc := a.counter(s), a.counter(other)
+	eventually(t, "the first leases", func() bool {
+		g, _ := a.m.Grant(c.Key)
+		og, _ := a.m.Grant(oc.Key)
+		return g > 0 && c.Lease() == g-1 && og > 0 && oc.Lease() == og-1
+	})
+	// With the manager's lock held the refill loop cannot take asks: fill its queue
+	// with another customer's, then take s below its low water, whose ask is dropped.
+	a.m.mu.Lock()
+	f := other.Feature("calls")
+	for range cap(a.m.refills) + 1 {
+		a.m.Refill(other, f, oc)
+	}
+	for c.Lease() >= c.LeaseLow() {
+		if d := a.do(s, 1, false); d.Reason != limiter.OK {
+			a.m.mu.Unlock()
+			t.Fatalf("lease in hand refused: %+v", d)
+		}
+	}
+	dropped := a.m.dropped.Load()
+	a.m.mu.Unlock()
+	if !dropped {
+		t.Fatal("no ask was dropped: the test did not test")
+	}
+	left := c.Lease()
+	time.Sleep(3 * a.m.tick) // the queue drains; a tick clears every counter's ask
+	if d := a.do(s, 1, false); d.Reason != limiter.OK {
+		t.Fatalf("after the queue drained: %+v", d)
+	}
+	eventually(t, "a refill ahead of need", func() bool { return c.Lease() > left-1 })
+}
