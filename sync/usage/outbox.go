@@ -311,6 +311,10 @@ func (r *Recorder) readLog(s *deltaSet, pos, end uint64, full func() bool, maxRe
 // yields cost next to nothing and bound the wait.)
 const yieldEvery = 128
 
+// newSet starts the next message's delta set. It starts with room for as many deltas
+// as the last cut took, and with that cut's per-delta scratch, so that a set of tens of
+// thousands of deltas does not grow by doubling every interval (the largest of the
+// publisher's allocations otherwise, and the collections they bring).
 func (r *Recorder) newSet() deltaSet {
 	p := &r.p
 	p.ahead = nil // it shares setIdx
@@ -318,7 +322,25 @@ func (r *Recorder) newSet() deltaSet {
 		p.setIdx = make(map[limiter.CounterKey]int)
 	}
 	clear(p.setIdx)
-	return deltaSet{idx: p.setIdx, gen: p.keys.newSet(), durable: p.durable}
+	s := deltaSet{idx: p.setIdx, gen: p.keys.newSet(), durable: p.durable}
+	if n := p.lastSet + p.lastSet/8; n > 0 {
+		s.es = make([]batchEntry, 0, n) // the message keeps it: never reused
+		s.logged, s.before = p.spareLogged[:0], p.spareBefore[:0]
+		p.spareLogged, p.spareBefore = nil, nil
+		if cap(s.logged) < n {
+			s.logged, s.before = make([]int64, 0, n), make([]int64, 0, n)
+		}
+	}
+	return s
+}
+
+// recycle keeps what a cut's set leaves for the next one: its size, and its per-delta
+// scratch, which nothing reads once the cut is over.
+func (r *Recorder) recycle(s *deltaSet) {
+	p := &r.p
+	p.lastSet = len(s.es)
+	p.spareLogged, p.spareBefore = s.logged[:0], s.before[:0]
+	s.logged, s.before = nil, nil
 }
 
 // readAhead is the log read ahead of the next cut: the set holds the log records from
@@ -380,6 +402,7 @@ func (r *Recorder) cut() error {
 		set = r.newSet()
 	}
 	p.ahead = nil // taken by this cut, whether or not it succeeds
+	defer r.recycle(&set)
 	// Each folded total taken costs a deletion in the cut's transaction; log records
 	// cost nothing there (the floor covers them), but one cut reads at most
 	// maxCutRecords.

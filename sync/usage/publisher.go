@@ -43,6 +43,9 @@ type publisher struct {
 	durable        map[limiter.CounterKey]*durableTotal
 	pruneDurableAt time.Time
 	keys           keyTable
+	// The last cut's set: how many deltas it held, and its per-delta scratch (newSet).
+	lastSet                  int
+	spareLogged, spareBefore []int64
 
 	// Coverage, for Flush: every log record below ackedCovers is published.
 	ackedCovers   uint64
