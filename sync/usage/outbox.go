@@ -327,7 +327,7 @@ func (r *Recorder) newSet() deltaSet {
 		s.es = make([]batchEntry, 0, n) // the message keeps it: never reused
 		s.logged, s.before = p.spareLogged[:0], p.spareBefore[:0]
 		p.spareLogged, p.spareBefore = nil, nil
-		if cap(s.logged) < n {
+		if cap(s.logged) < n || cap(s.before) < n {
 			s.logged, s.before = make([]int64, 0, n), make([]int64, 0, n)
 		}
 	}
