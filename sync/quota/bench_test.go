@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -137,4 +138,45 @@ func waitQuantile(waits []uint64, q float64) float64 {
 		}
 	}
 	return 0
+}
+
+// BenchmarkFirstLeases is a sidecar new to its customers: 500 goroutines each make the
+// first request of its share of 5,000 customers, each of which takes a lease (a KV
+// compare-and-set) on the request path. leases/s is how fast the manager takes them
+// against an in-process NATS server; refused counts requests that waited past
+// Options.Wait.
+func BenchmarkFirstLeases(b *testing.B) {
+	const customers, workers = 5000, 500
+	nats := testutil.StartNATS(b)
+	for b.Loop() {
+		b.StopTimer()
+		a := newMember(b, nats, nil)
+		snaps := make([]*limiter.Snapshot, customers)
+		for i := range snaps {
+			snaps[i] = snap(b, fmt.Sprintf("first_%05d", i), 1_000_000, 1)
+		}
+		var refused atomic.Int64
+		var wg sync.WaitGroup
+		b.StartTimer()
+		start := time.Now()
+		for w := range workers {
+			wg.Go(func() {
+				for i := w; i < customers; i += workers {
+					if d := a.do(snaps[i], 1, false); d.Reason != limiter.OK {
+						refused.Add(1)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		took := time.Since(start)
+		b.StopTimer()
+		if got := a.m.Stats().Leases; got != customers {
+			b.Fatalf("%d leases, want %d", got, customers)
+		}
+		b.ReportMetric(float64(customers-refused.Load())/took.Seconds(), "leases/s")
+		b.ReportMetric(float64(refused.Load()), "refused")
+		a.stop()
+		b.StartTimer()
+	}
 }
