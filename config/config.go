@@ -108,6 +108,10 @@ type Server struct {
 	MaxHeaderBytes  int           `yaml:"max_header_bytes"` // larger request headers get 431
 	MaxBodyBytes    int           `yaml:"max_body_bytes"`   // larger request bodies get 413
 	Concurrency     int           `yaml:"concurrency"`      // requests served at once
+	// BackgroundNice is added to the nice value of the threads that publish usage and
+	// maintain leases (Linux), so that their bursts give way to the request path when
+	// the cores are busy; 0 leaves them at the process's priority. Default 10.
+	BackgroundNice int `yaml:"background_nice"`
 }
 
 // Usage configures usage out (DESIGN.md section 7).
@@ -189,7 +193,7 @@ func Default() *Config {
 		Server: Server{
 			ReadTimeout: 60 * time.Second, WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second,
 			ShutdownTimeout: 15 * time.Second, MaxHeaderBytes: 16 << 10, MaxBodyBytes: 10 << 20,
-			Concurrency: 256 * 1024,
+			Concurrency: 256 * 1024, BackgroundNice: 10,
 		},
 		Usage: Usage{Enabled: true, FlushInterval: 5 * time.Second, StreamReplicas: 1, MaxOutboxBytes: 256 << 20},
 		Quota: Quota{

@@ -95,6 +95,7 @@ func TestParseFull(t *testing.T) {
 		Server: Server{
 			ReadTimeout: 10 * time.Second, WriteTimeout: 20 * time.Second, IdleTimeout: time.Minute,
 			ShutdownTimeout: 5 * time.Second, MaxHeaderBytes: 32 << 10, MaxBodyBytes: 1 << 20, Concurrency: 1000,
+			BackgroundNice: 5,
 		},
 		Usage: Usage{Enabled: true, FlushInterval: 250 * time.Millisecond, StreamReplicas: 3, MaxOutboxBytes: 1 << 30},
 		Quota: Quota{

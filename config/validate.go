@@ -336,7 +336,8 @@ func isToken(s string) bool {
 }
 
 // server: timeouts > 0; max_header_bytes in [1 KiB, 1 MiB], which fits real headers
-// and bounds memory per connection; max_body_bytes >= 0; concurrency > 0.
+// and bounds memory per connection; max_body_bytes >= 0; concurrency > 0;
+// background_nice in [0, 19], the range of nice values.
 func (v *validator) server(s *Server) {
 	v.positive("server.read_timeout", s.ReadTimeout)
 	v.positive("server.write_timeout", s.WriteTimeout)
@@ -350,6 +351,9 @@ func (v *validator) server(s *Server) {
 	}
 	if s.Concurrency <= 0 {
 		v.add("server.concurrency", "must be > 0 (got %d)", s.Concurrency)
+	}
+	if s.BackgroundNice < 0 || s.BackgroundNice > 19 {
+		v.add("server.background_nice", "must be between 0 and 19 (got %d)", s.BackgroundNice)
 	}
 }
 

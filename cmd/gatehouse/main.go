@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"syscall"
 
@@ -17,6 +18,12 @@ import (
 	"go.uber.org/zap/zapcore"
 	_ "time/tzdata" // billing time zones must resolve in a scratch image
 )
+
+// The main goroutine keeps the main thread to itself, so that no goroutine of the
+// request path runs there and none of the background loops that lower their thread's
+// priority lands there either (lowprio.ErrMainThread): ps and top show the main
+// thread's nice value as the process's.
+func init() { runtime.LockOSThread() }
 
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"

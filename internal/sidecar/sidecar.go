@@ -178,6 +178,7 @@ func (s *Sidecar) openSync() error {
 		rec, err := usage.New(usage.Options{
 			Store: st, JS: nc.JS(), Log: log, FlushInterval: cfg.Usage.FlushInterval,
 			StreamReplicas: cfg.Usage.StreamReplicas, MaxOutboxBytes: cfg.Usage.MaxOutboxBytes,
+			Nice: cfg.Server.BackgroundNice,
 		})
 		if err != nil {
 			return err
@@ -204,6 +205,7 @@ func (s *Sidecar) openSync() error {
 		JS: nc.JS(), Store: st, Log: log, Bucket: qc.Bucket, Replicas: qc.Replicas,
 		MinLease: qc.MinLease, MaxLease: qc.MaxLease, LeasePeriod: qc.LeasePeriod,
 		LowWaterPercent: qc.LowWaterPercent, Wait: qc.Wait, IdleReturn: idle,
+		Nice: cfg.Server.BackgroundNice,
 	}); err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/gatehouse-dev/gatehouse/internal/lowprio"
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
@@ -95,6 +96,7 @@ func (r *Recorder) kickPublisher() {
 // publishLoop cuts, publishes and folds until ctx is cancelled (by Close).
 func (r *Recorder) publishLoop(ctx context.Context) {
 	defer close(r.pubDone)
+	lowprio.Background(r.log, r.opts.Nice)
 	tick := time.NewTicker(r.opts.FlushInterval)
 	defer tick.Stop()
 	readTick := time.NewTicker(r.readAheadEvery)

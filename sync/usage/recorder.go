@@ -55,6 +55,10 @@ type Options struct {
 	MaxOutboxBytes int64
 	// Now is the clock for message times and window expiry; default time.Now.
 	Now func() time.Time
+	// Nice is added to the nice value of the publisher's thread (lowprio.Lower): its
+	// cuts, publishes and settling passes are milliseconds of work every flush interval
+	// that give way to the request path when the cores are busy. 0 leaves it alone.
+	Nice int
 }
 
 // Recorder makes usage durable and publishes it. Create it with New, Restore the
