@@ -3,7 +3,6 @@ package usage
 import (
 	"encoding/binary"
 	"fmt"
-	"runtime"
 	"slices"
 
 	"github.com/gatehouse-dev/gatehouse/limiter"
@@ -139,7 +138,7 @@ func (t *keyTable) maxKeys() int {
 
 // rank gives the slots made since the last call their place in key order, and every
 // slot of the epoch its position in it.
-func (t *keyTable) rank() {
+func (t *keyTable) rank(br *breather) {
 	if len(t.fresh) == 0 {
 		return
 	}
@@ -153,7 +152,7 @@ func (t *keyTable) rank() {
 			merged, i = append(merged, t.order[i]), i+1
 		}
 		if len(merged)%(32*yieldEvery) == 0 {
-			runtime.Gosched() // see yieldEvery
+			br.yield()
 		}
 	}
 	merged = append(append(merged, t.order[i:]...), t.fresh[j:]...)
@@ -167,13 +166,13 @@ func (t *keyTable) rank() {
 // sortByRank sorts a cut's deltas into key order by their slots' ranks, as sortEntries
 // would with compareKeys, comparing integers instead of strings. It returns false, and
 // leaves es as it was, when a delta has no slot of the table's epoch (a folded total).
-func sortByRank(t *keyTable, es []batchEntry) bool {
+func sortByRank(t *keyTable, es []batchEntry, br *breather) bool {
 	for i := range es {
 		if s := es[i].slot; s == nil || s.epoch != t.epoch {
 			return false
 		}
 	}
-	t.rank()
+	t.rank(br)
 	order := make([]uint64, len(es))
 	for i := range es {
 		order[i] = uint64(es[i].slot.rank)<<32 | uint64(i)

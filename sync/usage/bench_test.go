@@ -248,15 +248,15 @@ func BenchmarkSortDeltas(b *testing.B) {
 		d := decoder{b: appendCK(nil, &k)}
 		es = append(es, batchEntry{k: k, slot: kt.slot(&d)})
 	}
-	kt.rank()
+	kt.rank(nil)
 	b.Run("strings", func(b *testing.B) {
 		for b.Loop() {
-			sortEntries(slices.Clone(es))
+			sortEntries(slices.Clone(es), nil)
 		}
 	})
 	b.Run("rank", func(b *testing.B) {
 		for b.Loop() {
-			if !sortByRank(&kt, slices.Clone(es)) {
+			if !sortByRank(&kt, slices.Clone(es), nil) {
 				b.Fatal("declined")
 			}
 		}

@@ -1,7 +1,6 @@
 package usage
 
 import (
-	"runtime"
 	"strconv"
 	"time"
 
@@ -50,7 +49,7 @@ func (m *Message) ID() string { return MsgID(m.SidecarID, m.Epoch, m.Seq) }
 // nanoseconds) as encoding/json marshals the equivalent Message (the same bytes, which a
 // test checks), without reflection: a message carries every key active in a flush
 // interval, and encoding it is a large part of the publisher's work.
-func appendMessageJSON(b []byte, sidecarID, epoch string, seq uint64, from, to int64, es []batchEntry) []byte {
+func appendMessageJSON(b []byte, sidecarID, epoch string, seq uint64, from, to int64, es []batchEntry, br *breather) []byte {
 	b = append(b, `{"sidecar_id":`...)
 	b = jsonx.AppendString(b, sidecarID)
 	b = append(b, `,"epoch":`...)
@@ -67,7 +66,7 @@ func appendMessageJSON(b []byte, sidecarID, epoch string, seq uint64, from, to i
 		if i > 0 {
 			b = append(b, ',')
 			if i%(4*yieldEvery) == 0 {
-				runtime.Gosched() // see yieldEvery
+				br.yield()
 			}
 		}
 		b = append(b, `{"customer_id":`...)

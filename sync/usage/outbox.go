@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"runtime"
 	"slices"
 	"time"
 
@@ -124,7 +123,7 @@ func (r *Recorder) newPending(seq uint64, mv messageValue) (*pending, error) {
 	if !mv.counted {
 		return &pending{
 			seq: seq, id: MsgID(r.sidecarID, r.epoch, seq), records: mv.records, deltas: len(mv.entries),
-			data: appendMessageJSON(nil, r.sidecarID, r.epoch, seq, mv.from, mv.to, mv.entries), entries: mv.entries,
+			data: appendMessageJSON(nil, r.sidecarID, r.epoch, seq, mv.from, mv.to, mv.entries, nil), entries: mv.entries,
 		}, nil
 	}
 	var m Message
@@ -249,7 +248,7 @@ func (r *Recorder) settleLogged(s *deltaSet) {
 	p := &r.p
 	for i := range s.es {
 		if i%yieldEvery == yieldEvery-1 {
-			runtime.Gosched()
+			p.br.yield()
 		}
 		if s.logged[i] == 0 && s.es[i].d.records == 0 {
 			continue
@@ -297,18 +296,14 @@ func (r *Recorder) readLog(s *deltaSet, pos, end uint64, full func() bool, maxRe
 		if taken%yieldEvery == 0 {
 			// A cut reads a second of records in one go (30,000 at saturation, ~10 ms):
 			// let the requests queued behind it on this P run in between.
-			runtime.Gosched()
+			r.p.br.yield()
 		}
 	}
 	return pos, taken, false, nil
 }
 
 // yieldEvery is how many log records (or deltas) the publisher handles between yields
-// to the scheduler: about 0.05 ms of work. The publisher's work comes in bursts (a cut,
-// the start of a settling pass) on one of few Ps, and goroutines queued behind it on
-// that P wait until it yields or the runtime preempts it (after 10 ms). (Measured, the
-// stalls of requests during cuts came from the append's lock, not from this; the
-// yields cost next to nothing and bound the wait.)
+// (breather.yield): about 0.05 ms of work.
 const yieldEvery = 128
 
 // newSet starts the next message's delta set. It starts with room for as many deltas
@@ -451,15 +446,18 @@ func (r *Recorder) cut() error {
 	if taken > 0 {
 		r.settleLogged(&set) // before sorting: set.logged follows set.es
 	}
-	if !sortByRank(&p.keys, entries) {
-		sortEntries(entries)
+	if !sortByRank(&p.keys, entries, &p.br) {
+		sortEntries(entries, &p.br)
 	}
+	p.br.yield()
 	from, to := entries[0].d.from, entries[0].d.to
 	for i := range entries {
 		from, to = min(from, entries[i].d.from), max(to, entries[i].d.to)
 	}
 	key, val := pendingKey(seq), appendMessageValue(make([]byte, 0, 64+len(entries)*40), set.records, from, to, entries)
-	data := appendMessageJSON(make([]byte, 0, set.bytes+256), r.sidecarID, r.epoch, seq, from, to, entries)
+	p.br.yield()
+	data := appendMessageJSON(make([]byte, 0, set.bytes+256), r.sidecarID, r.epoch, seq, from, to, entries, &p.br)
+	p.br.yield()
 	err := r.update(func(txn *badger.Txn) error {
 		if err := txn.Set(key, val); err != nil {
 			return err
@@ -556,12 +554,12 @@ func (r *Recorder) loadCounters(es []batchEntry) error {
 // It sorts runs of sortRun deltas, then merges them, yielding to the scheduler between
 // runs and every yieldEvery merged deltas (see yieldEvery): a cut sorts tens of
 // thousands of deltas.
-func sortEntries(es []batchEntry) {
+func sortEntries(es []batchEntry, br *breather) {
 	cmp := func(a, b batchEntry) int { return compareKeys(&a.k, &b.k) }
 	for i := 0; i < len(es); i += sortRun {
 		slices.SortFunc(es[i:min(i+sortRun, len(es))], cmp)
 		if len(es) > sortRun {
-			runtime.Gosched()
+			br.yield()
 		}
 	}
 	if len(es) <= sortRun {
@@ -580,7 +578,7 @@ func sortEntries(es []batchEntry) {
 					dst[k], i = src[i], i+1
 				}
 				if n++; n%yieldEvery == 0 {
-					runtime.Gosched()
+					br.yield()
 				}
 			}
 			k += copy(dst[k:], src[i:mid])

@@ -47,6 +47,7 @@ type publisher struct {
 	// The last cut's set: how many deltas it held, and its per-delta scratch (newSet).
 	lastSet                  int
 	spareLogged, spareBefore []int64
+	br                       breather // paces the publisher's bursts
 
 	// Coverage, for Flush: every log record below ackedCovers is published.
 	ackedCovers   uint64
@@ -107,6 +108,7 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 	due := false // a flush interval passed since the last cut
 	var prepareLogged time.Time
 	for {
+		r.breathe()
 		if err := r.j.prepare(); err != nil && time.Since(prepareLogged) > 30*time.Second {
 			// Appends create the segment themselves when it is not ready, and fail
 			// (with this error) if they cannot.
@@ -149,6 +151,7 @@ func (r *Recorder) publishLoop(ctx context.Context) {
 		case <-r.kick:
 		case <-retryC:
 		case <-readTick.C:
+			r.breathe()
 			if err := r.readAheadStep(); err != nil && time.Since(readLogged) > 30*time.Second {
 				// The cut reads the same records again, and fails the same way.
 				readLogged = time.Now()

@@ -3,7 +3,6 @@ package usage
 import (
 	"fmt"
 	"maps"
-	"runtime"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -170,14 +169,14 @@ func (r *Recorder) startPass() {
 			parts = append(parts, es)
 		}
 	}
-	ps.es = mergeEntries(parts)
+	ps.es = mergeEntries(parts, &p.br)
 	p.pass = ps
 }
 
 // mergeEntries merges lists of deltas in key order into one, in key order, with the
 // deltas of one key summed: pairwise, so that each delta is compared about log2(len(parts))
 // times. The result may be one of the lists itself; the pass only reads it.
-func mergeEntries(parts [][]batchEntry) []batchEntry {
+func mergeEntries(parts [][]batchEntry, br *breather) []batchEntry {
 	for len(parts) > 1 {
 		next := parts[:0:0]
 		for i := 0; i < len(parts); i += 2 {
@@ -185,7 +184,7 @@ func mergeEntries(parts [][]batchEntry) []batchEntry {
 				next = append(next, parts[i])
 				continue
 			}
-			next = append(next, merge2(parts[i], parts[i+1]))
+			next = append(next, merge2(parts[i], parts[i+1], br))
 		}
 		parts = next
 	}
@@ -195,11 +194,11 @@ func mergeEntries(parts [][]batchEntry) []batchEntry {
 	return parts[0]
 }
 
-func merge2(a, b []batchEntry) []batchEntry {
+func merge2(a, b []batchEntry, br *breather) []batchEntry {
 	out := make([]batchEntry, 0, max(len(a), len(b)))
 	for n := 1; len(a) > 0 && len(b) > 0; n++ {
 		if n%yieldEvery == 0 {
-			runtime.Gosched() // see yieldEvery
+			br.yield()
 		}
 		switch c := compareKeys(&a[0].k, &b[0].k); {
 		case c < 0:

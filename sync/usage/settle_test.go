@@ -195,7 +195,7 @@ func TestSortEntries(t *testing.T) {
 		}
 		want := slices.Clone(es)
 		slices.SortStableFunc(want, func(a, b batchEntry) int { return compareKeys(&a.k, &b.k) })
-		sortEntries(es)
+		sortEntries(es, nil)
 		for i := range es {
 			if compareKeys(&es[i].k, &want[i].k) != 0 {
 				t.Fatalf("n=%d: position %d holds %v, want %v", n, i, es[i].k, want[i].k)
@@ -276,8 +276,8 @@ func TestSortByRank(t *testing.T) {
 			}
 		}
 		want := slices.Clone(es)
-		sortEntries(want)
-		if !sortByRank(&kt, es) {
+		sortEntries(want, nil)
+		if !sortByRank(&kt, es, nil) {
 			t.Fatalf("round %d: declined deltas that all have slots", round)
 		}
 		for i := range es {
@@ -289,13 +289,13 @@ func TestSortByRank(t *testing.T) {
 
 	es := []batchEntry{{k: key(1), slot: slotOf(key(1))}, {k: key(0)}} // key(0): a folded total's
 	before := slices.Clone(es)
-	if sortByRank(&kt, es) || !slices.Equal(es, before) {
+	if sortByRank(&kt, es, nil) || !slices.Equal(es, before) {
 		t.Fatal("sorted deltas of which one has no slot")
 	}
 	kt.max = 1
 	kt.newSet() // the table forgets its keys
 	es = es[:1]
-	if sortByRank(&kt, es) {
+	if sortByRank(&kt, es, nil) {
 		t.Fatal("sorted by the rank of a slot of a forgotten epoch")
 	}
 }

@@ -127,7 +127,7 @@ func TestMessageJSONMatchesEncodingJSON(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := appendMessageJSON(nil, m.SidecarID, m.Epoch, m.Seq, from, to, deltas)
+		got := appendMessageJSON(nil, m.SidecarID, m.Epoch, m.Seq, from, to, deltas, nil)
 		if string(got) != string(want) {
 			t.Fatalf("appendMessageJSON\n got %s\nwant %s", got, want)
 		}
