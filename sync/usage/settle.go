@@ -64,6 +64,7 @@ func (r *Recorder) settleStep() error {
 	}
 	updated := make([]counter, len(chunk))
 	var key []byte
+	p.br.yield()
 	err := r.update(func(txn *badger.Txn) error {
 		for i := range chunk {
 			e := &chunk[i]
