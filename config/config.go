@@ -108,9 +108,9 @@ type Server struct {
 	MaxHeaderBytes  int           `yaml:"max_header_bytes"` // larger request headers get 431
 	MaxBodyBytes    int           `yaml:"max_body_bytes"`   // larger request bodies get 413
 	Concurrency     int           `yaml:"concurrency"`      // requests served at once
-	// BackgroundNice is added to the nice value of the threads that publish usage and
-	// maintain leases (Linux), so that their bursts give way to the request path when
-	// the cores are busy; 0 leaves them at the process's priority. Default 10.
+	// BackgroundNice is added to the nice value of the thread that publishes usage
+	// (Linux), so that its bursts give way to the request path when the cores are busy;
+	// 0 leaves it at the process's priority. Default 10.
 	BackgroundNice int `yaml:"background_nice"`
 }
 

@@ -1,9 +1,9 @@
 // Package lowprio runs background work at a lower CPU priority than the request path.
 //
 // A sidecar shares its machine with the API it guards, and its own request path is
-// what a client waits for. Its background work (publishing usage, maintaining leases)
-// comes in bursts of milliseconds that, at equal priority, take a core from the
-// requests queued behind them, which is what a latency tail reads. Lower gives the
+// what a client waits for. Its background work (publishing usage) comes in bursts of
+// milliseconds that, at equal priority, take a core from the requests queued behind
+// them, which is what a latency tail reads. Lower gives the
 // calling goroutine an OS thread of its own at a higher nice value, so that when the
 // cores are busy the kernel runs the request path first, as RocksDB lowers the
 // priority of its compaction threads.

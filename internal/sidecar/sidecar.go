@@ -205,7 +205,6 @@ func (s *Sidecar) openSync() error {
 		JS: nc.JS(), Store: st, Log: log, Bucket: qc.Bucket, Replicas: qc.Replicas,
 		MinLease: qc.MinLease, MaxLease: qc.MaxLease, LeasePeriod: qc.LeasePeriod,
 		LowWaterPercent: qc.LowWaterPercent, Wait: qc.Wait, IdleReturn: idle,
-		Nice: cfg.Server.BackgroundNice,
 	}); err != nil {
 		return err
 	}

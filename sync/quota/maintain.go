@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
-	"github.com/gatehouse-dev/gatehouse/internal/lowprio"
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/gatehouse-dev/gatehouse/sync/store"
 	"go.uber.org/zap"
@@ -96,7 +95,6 @@ func (m *Manager) Load(lim *limiter.Limiter, durable bool) error {
 // maintainLoop runs maintain every tick until Close.
 func (m *Manager) maintainLoop() {
 	defer m.loops.Done()
-	lowprio.Background(m.log, m.opts.Nice)
 	t := time.NewTicker(m.tick)
 	defer t.Stop()
 	for {

@@ -65,10 +65,6 @@ type Options struct {
 	Retention time.Duration
 	// Now is the clock; default time.Now.
 	Now func() time.Time
-	// Nice is added to the nice value of the maintenance loop's thread (lowprio.Lower);
-	// 0 leaves it alone. The refill loop keeps the process's priority: a request may be
-	// waiting for its refill.
-	Nice int
 }
 
 // Stats describe the leases of this sidecar.
