@@ -38,6 +38,9 @@ type mismatch struct {
 	// Leased is, in a fleet, the unused units each sidecar still held in its lease
 	// after the run (admin /v1/customers/{id}); nil when not asked.
 	Leased []int64 `json:"leased_per_sidecar,omitempty"`
+	// Pending is, in a fleet, what each sidecar had taken back from its lease to return
+	// and the bucket had not confirmed (a return in flight or waiting for a retry).
+	Pending []int64 `json:"pending_per_sidecar,omitempty"`
 }
 
 func (exhaustScenario) plan(*options) time.Duration { return 10 * time.Second }

@@ -206,12 +206,13 @@ func (fleetScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) {
 	for i := range xr.Mismatches {
 		m := &xr.Mismatches[i]
 		for _, p := range scs {
-			n, err := leaseUnits(p.admin, m.Customer, "reports")
+			n, pending, err := leaseUnits(p.admin, m.Customer, "reports")
 			if err != nil {
 				e.logf("fleet: %v", err)
-				n = -1
+				n, pending = -1, -1
 			}
 			m.Leased = append(m.Leased, n)
+			m.Pending = append(m.Pending, pending)
 		}
 	}
 	xr.MetricsAllowed = 0
@@ -267,14 +268,18 @@ func writeFleet(w io.Writer, fr *fleetResult) {
 		fmt.Fprintf(w, "%s req/s over %.2f s, every request near a limit: latency p50 %s p90 %s p99 %s p99.9 %s max %s ms; CPU %.1f µs/req (all sidecars)\n",
 			thousands(r.Throughput), r.Seconds, fmtMs(r.Latency.P50), fmtMs(r.Latency.P90), fmtMs(r.Latency.P99), fmtMs(r.Latency.P999), fmtMs(r.Latency.Max), r.TargetCPU)
 		if len(x.Mismatches) > 0 {
-			fmt.Fprintf(w, "customers off their limit (the first %d), with the unused units each sidecar still holds in its lease:\n", len(x.Mismatches))
+			fmt.Fprintf(w, "customers off their limit (the first %d), with the unused units each sidecar still holds in its lease, and those on their way back to the fleet:\n", len(x.Mismatches))
 		}
 		for _, m := range x.Mismatches {
-			var sum int64
+			var sum, pending int64
 			for _, n := range m.Leased {
 				sum += max(n, 0)
 			}
-			fmt.Fprintf(w, "  MISMATCH %s: limit %d, admitted %d of %d sent; leased unused %v = %d\n", m.Customer, m.Limit, m.Admitted, m.Sent, m.Leased, sum)
+			for _, n := range m.Pending {
+				pending += max(n, 0)
+			}
+			fmt.Fprintf(w, "  MISMATCH %s: limit %d, admitted %d of %d sent; leased unused %v = %d; pending return %v = %d\n",
+				m.Customer, m.Limit, m.Admitted, m.Sent, m.Leased, sum, m.Pending, pending)
 		}
 	}
 	fmt.Fprintf(w, "lease refills (gatehouse_lease_refills_total, per sidecar in brackets):")

@@ -80,35 +80,37 @@ func scrape(admin string, f func(metric, labels string, v float64)) error {
 }
 
 // leaseUnits asks a sidecar's admin GET /v1/customers/{id} how many units of feature it
-// holds in fleet leases and does not use, over the customer's windows.
-func leaseUnits(admin, customer, feature string) (int64, error) {
+// holds in fleet leases and does not use, and how many it took back to return and the
+// bucket has not confirmed, over the customer's windows.
+func leaseUnits(admin, customer, feature string) (units, pending int64, err error) {
 	c := &http.Client{Timeout: 5 * time.Second}
 	resp, err := c.Get("http://" + admin + "/v1/customers/" + customer)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET /v1/customers/%s: %s", customer, resp.Status)
+		return 0, 0, fmt.Errorf("GET /v1/customers/%s: %s", customer, resp.Status)
 	}
 	var info struct {
 		Usage []struct {
 			Feature string `json:"feature"`
 			Lease   *struct {
-				Units int64 `json:"units"`
+				Units   int64 `json:"units"`
+				Pending int64 `json:"pending"`
 			} `json:"lease"`
 		} `json:"usage"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&info); err != nil {
-		return 0, fmt.Errorf("GET /v1/customers/%s: %w", customer, err)
+		return 0, 0, fmt.Errorf("GET /v1/customers/%s: %w", customer, err)
 	}
-	var n int64
 	for _, u := range info.Usage {
 		if u.Feature == feature && u.Lease != nil {
-			n += u.Lease.Units
+			units += u.Lease.Units
+			pending += u.Lease.Pending
 		}
 	}
-	return n, nil
+	return units, pending, nil
 }
 
 // refusals reads a sidecar's gatehouse_decisions_total and sums the decisions that did

@@ -101,6 +101,9 @@ type LeaseView struct {
 	Stats func() LeaseStats
 	// Held is the quota this sidecar holds for a counter; ok is false without a lease.
 	Held func(k limiter.CounterKey) (units int64, ok bool)
+	// Pending is the quota taken back from a counter's lease whose return the bucket
+	// has not confirmed; nil when unknown.
+	Pending func(k limiter.CounterKey) (units int64, ok bool)
 }
 
 // LeaseStats describe the leases this sidecar holds.
@@ -277,6 +280,10 @@ type WindowUsage struct {
 // LeaseHeld is the fleet quota this sidecar holds for a counter.
 type LeaseHeld struct {
 	Units int64 `json:"units"`
+	// Pending are units on their way back to the fleet: taken from the lease, their
+	// return not confirmed by the bucket yet (in flight, or failed and to be retried).
+	// No sidecar can use them meanwhile.
+	Pending int64 `json:"pending"`
 }
 
 func (a *adminServer) customer(w http.ResponseWriter, r *http.Request) {
@@ -320,6 +327,9 @@ func (a *adminServer) customer(w http.ResponseWriter, r *http.Request) {
 		if leases != nil && leases.Held != nil {
 			if units, ok := leases.Held(c.Key); ok {
 				u.Lease = &LeaseHeld{Units: units}
+				if leases.Pending != nil {
+					u.Lease.Pending, _ = leases.Pending(c.Key)
+				}
 			}
 		}
 		info.Usage = append(info.Usage, u)

@@ -291,14 +291,17 @@ func TestCustomerIntrospection(t *testing.T) {
 			t.Errorf("%s: %+v, want %+v", u.Feature, u, w)
 		}
 	}
-	// A lease view adds what the fleet granted.
-	err := a.attach(Parts{Leases: &LeaseView{Held: func(k limiter.CounterKey) (int64, bool) { return 40, k.Feature == "reports" }}})
+	// A lease view adds what the fleet granted, and what is on its way back.
+	err := a.attach(Parts{Leases: &LeaseView{
+		Held:    func(k limiter.CounterKey) (int64, bool) { return 40, k.Feature == "reports" },
+		Pending: func(k limiter.CounterKey) (int64, bool) { return 9, k.Feature == "reports" },
+	}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.adminJSON(t, "GET", "/v1/customers/acme", 200, &info)
 	for _, u := range info.Usage {
-		if (u.Feature == "reports") != (u.Lease != nil) || u.Lease != nil && u.Lease.Units != 40 {
+		if (u.Feature == "reports") != (u.Lease != nil) || u.Lease != nil && (u.Lease.Units != 40 || u.Lease.Pending != 9) {
 			t.Errorf("%s: lease %+v", u.Feature, u.Lease)
 		}
 	}

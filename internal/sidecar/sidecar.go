@@ -415,7 +415,7 @@ func (s *Sidecar) parts() Parts {
 		}}
 	}
 	if q := s.Quota; q != nil {
-		p.Leases = &LeaseView{Held: q.Held, Stats: func() LeaseStats {
+		p.Leases = &LeaseView{Held: q.Held, Pending: q.Pending, Stats: func() LeaseStats {
 			st := q.Stats()
 			return LeaseStats{Refills: st.Refills, RefillErrors: st.RefillErrors, Leases: st.Leases, HeldUnits: st.HeldUnits}
 		}}

@@ -42,6 +42,10 @@ type lease struct {
 	yielding       bool                // a yield job answers the asks of other sidecars (want.go)
 	askers         []string            // reply subjects of the asks that the yield job answers
 
+	// pendingSeen is pending as last set, for Manager.Pending, which must not wait on mu
+	// (a return holds it across its network call).
+	pendingSeen atomic.Int64
+
 	// Written by the maintenance loop once the lease is in Manager.list, read by yield.
 	idleHeld  atomic.Int64 // the counter's held usage when it last changed, as a tick saw it
 	idleSince atomic.Int64 // unix nanoseconds: the tick that saw it change
@@ -265,6 +269,12 @@ func (m *Manager) giveBack(ctx context.Context, l *lease) (int64, error) {
 	return returning, nil
 }
 
+// setPending sets l.pending and its copy for Manager.Pending. l.mu is held.
+func (l *lease) setPending(n int64) {
+	l.pending = n
+	l.pendingSeen.Store(n)
+}
+
 // takeBack moves every unused unit of the lease from the counter to pending, recording
 // the lower grant in Badger before the bucket hears of it. l.mu is held.
 func (m *Manager) takeBack(l *lease) error {
@@ -272,10 +282,10 @@ func (m *Manager) takeBack(l *lease) error {
 	if r == 0 {
 		return nil
 	}
-	l.pending += r
+	l.setPending(l.pending + r)
 	if err := m.save(l); err != nil {
 		l.c.GrantLease(r, l.c.LeaseLow(), l.c.LeaseLimit()) // keep it rather than lose it
-		l.pending -= r
+		l.setPending(l.pending - r)
 		return err
 	}
 	return nil
@@ -348,7 +358,8 @@ func (m *Manager) update(ctx context.Context, l *lease, limit int64, rev uint64,
 			return 0, err
 		}
 		l.value, l.valRev = v, newRev
-		l.granted, l.pending = mine+n, 0
+		l.granted = mine + n
+		l.setPending(0)
 		m.noteRTT(m.now().Sub(start))
 		if n > 0 {
 			l.size = n
@@ -416,7 +427,7 @@ func (m *Manager) reconcile(l *lease, v *Value) error {
 	default:
 		drop := l.granted - kv
 		p := min(drop, l.pending)
-		l.pending -= p
+		l.setPending(l.pending - p)
 		if drop -= p; drop > 0 {
 			took := l.c.TakeLease(drop)
 			m.log.Warn("the bucket records less quota for this sidecar than it was granted; holding less",

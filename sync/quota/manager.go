@@ -324,24 +324,39 @@ func (m *Manager) Stats() Stats {
 	return s
 }
 
+// leaseOf is the lease of a counter, or nil.
+func (m *Manager) leaseOf(k limiter.CounterKey) *lease {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.leases[k]
+}
+
 // Held is the unused quota this sidecar holds for a counter; ok is false without a lease.
 func (m *Manager) Held(k limiter.CounterKey) (int64, bool) {
-	m.mu.Lock()
-	l := m.leases[k]
-	m.mu.Unlock()
+	l := m.leaseOf(k)
 	if l == nil {
 		return 0, false
 	}
 	return max(l.c.Lease(), 0), true
 }
 
+// Pending is the quota this sidecar took back from a counter's lease to return to the
+// fleet and the bucket has not confirmed yet: a return in flight, or one that failed
+// and waits for the maintenance loop to retry it. Neither this sidecar nor any other
+// can use those units until the return lands. ok is false without a lease.
+func (m *Manager) Pending(k limiter.CounterKey) (int64, bool) {
+	l := m.leaseOf(k)
+	if l == nil {
+		return 0, false
+	}
+	return l.pendingSeen.Load(), true
+}
+
 // Grant is this sidecar's grant for a counter as the manager last knew it from the
 // bucket: what it may use in the window, used units included. For tests and
 // introspection; ok is false without a lease.
 func (m *Manager) Grant(k limiter.CounterKey) (int64, bool) {
-	m.mu.Lock()
-	l := m.leases[k]
-	m.mu.Unlock()
+	l := m.leaseOf(k)
 	if l == nil {
 		return 0, false
 	}

@@ -401,3 +401,38 @@ func TestAskAgainAfterDrop(t *testing.T) {
 	}
 	eventually(t, "a refill ahead of need", func() bool { return c.Lease() > left-1 })
 }
+
+// TestPendingReturn: units taken back for a return that cannot reach the bucket are
+// neither held nor usable, and Pending says where they are until the retry lands.
+func TestPendingReturn(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, func(o *Options) {
+		o.MinLease, o.MaxLease, o.IdleReturn = 100, 100, 200*time.Millisecond
+	})
+	s := snap(t, "cust_p", 1000, 1)
+	for range 7 {
+		a.do(s, 1, false)
+	}
+	k := a.counter(s).Key
+	if p, ok := a.m.Pending(k); !ok || p != 0 {
+		t.Fatalf("pending %d %v before any return, want 0 true", p, ok)
+	}
+	nats.Shutdown()
+	eventually(t, "the client to notice", func() bool { return !a.m.connected() })
+	eventually(t, "the idle lease to be taken back, its return failing", func() bool {
+		p, _ := a.m.Pending(k)
+		return p == 93
+	})
+	if held, _ := a.m.Held(k); held != 0 {
+		t.Errorf("held %d while its return is pending, want 0", held)
+	}
+	nats.Restart()
+	eventually(t, "the retried return to land", func() bool {
+		p, _ := a.m.Pending(k)
+		v := a.value(k)
+		return p == 0 && v != nil && v.Granted == 7
+	})
+	if _, ok := a.m.Pending(limiter.CounterKey{Customer: "nobody", Feature: "calls"}); ok {
+		t.Error("Pending of a counter without a lease: ok true")
+	}
+}
