@@ -41,6 +41,9 @@ type mismatch struct {
 	// Pending is, in a fleet, what each sidecar had taken back from its lease to return
 	// and the bucket had not confirmed (a return in flight or waiting for a retry).
 	Pending []int64 `json:"pending_per_sidecar,omitempty"`
+	// Bucket is, in a fleet, what the quota bucket held for the customer after the run:
+	// granted, limit and each sidecar's grant; empty when not read.
+	Bucket string `json:"bucket,omitempty"`
 }
 
 func (exhaustScenario) plan(*options) time.Duration { return 10 * time.Second }

@@ -215,6 +215,20 @@ func (fleetScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) {
 			m.Pending = append(m.Pending, pending)
 		}
 	}
+	// And whether the bucket holds them as granted (to a sidecar that lost track) or free.
+	if len(xr.Mismatches) > 0 {
+		var customers []string
+		for _, m := range xr.Mismatches {
+			customers = append(customers, m.Customer)
+		}
+		if held, err := bucketGrants(ctx, first.nats, "reports", customers); err != nil {
+			e.logf("fleet: read the quota bucket: %v", err)
+		} else {
+			for i := range xr.Mismatches {
+				xr.Mismatches[i].Bucket = held[xr.Mismatches[i].Customer]
+			}
+		}
+	}
 	xr.MetricsAllowed = 0
 	for _, p := range scs {
 		n, err := decisionsAllowed(p.admin, "reports")
@@ -280,6 +294,9 @@ func writeFleet(w io.Writer, fr *fleetResult) {
 			}
 			fmt.Fprintf(w, "  MISMATCH %s: limit %d, admitted %d of %d sent; leased unused %v = %d; pending return %v = %d\n",
 				m.Customer, m.Limit, m.Admitted, m.Sent, m.Leased, sum, m.Pending, pending)
+			if m.Bucket != "" {
+				fmt.Fprintf(w, "    bucket: %s\n", m.Bucket)
+			}
 		}
 	}
 	fmt.Fprintf(w, "lease refills (gatehouse_lease_refills_total, per sidecar in brackets):")
