@@ -36,6 +36,7 @@ type lease struct {
 	giving         bool                // a return is queued or under way
 	exhaustedUntil int64               // unix nanoseconds: the fleet had nothing left; do not ask again before
 	exhaustedLimit int64               // the limit under which it was exhausted
+	freed          uint64              // how many times other sidecars announced units of the key freed (onFreed)
 	aheadUntil     atomic.Int64        // unix nanoseconds: no refill ahead of need before (the last one failed or found nothing)
 	retry          atomic.Bool         // the last return failed
 	refilling      atomic.Bool         // a refill's compare-and-set is under way (not its ask)
@@ -84,6 +85,10 @@ type job struct {
 	// every request that waits, not one of them. Added to under Manager.mu, read by
 	// the job without it.
 	demand atomic.Int64
+	// freed is the lease's freed count when the job started: a job that ends exhausted
+	// after units were freed meanwhile must not mark the key exhausted, since its last
+	// read of the bucket may predate the return (Manager.mu).
+	freed uint64
 }
 
 // noteLimit records the limit that a request's snapshot gives, if it is the newest
@@ -104,7 +109,7 @@ func (m *Manager) refillLocked(l *lease, need int64) *job {
 		j.demand.Add(need)
 		return j
 	}
-	j := &job{done: make(chan struct{})}
+	j := &job{done: make(chan struct{}), freed: l.freed}
 	j.need.Store(need)
 	j.demand.Store(need)
 	if m.closed.Load() {
@@ -148,9 +153,14 @@ func (m *Manager) runJob(l *lease, j *job, need, limit int64, rev uint64) {
 	l.job.Store(nil)
 	switch res {
 	case limiter.QuotaExhausted:
-		l.aheadUntil.Store(now.Add(m.recheck).UnixNano())
-		if j.need.Load() > 0 {
-			l.exhaustedUntil, l.exhaustedLimit = now.Add(m.recheck).UnixNano(), limit
+		// Units another sidecar freed while the job ran (onFreed) may be in the bucket
+		// although the job's last read did not see them: then the next request reads
+		// again instead of refusing for a recheck period while they sit there.
+		if l.freed == j.freed {
+			l.aheadUntil.Store(now.Add(m.recheck).UnixNano())
+			if j.need.Load() > 0 {
+				l.exhaustedUntil, l.exhaustedLimit = now.Add(m.recheck).UnixNano(), limit
+			}
 		}
 	case limiter.QuotaUnreachable:
 		l.aheadUntil.Store(now.Add(m.failBackoff).UnixNano())

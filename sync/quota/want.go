@@ -102,6 +102,7 @@ func (m *Manager) onFreed(msg *nats.Msg) {
 	m.mu.Lock()
 	if l := m.leases[k]; l != nil {
 		l.exhaustedUntil = 0
+		l.freed++
 	}
 	m.mu.Unlock()
 }
