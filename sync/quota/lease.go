@@ -148,6 +148,15 @@ func (m *Manager) runJob(l *lease, j *job, need, limit int64, rev uint64) {
 		res = m.askAfter(l, j, waiting, limit, rev)
 		m.mu.Lock()
 	}
+	m.finishLocked(l, j, res, limit)
+	m.mu.Unlock()
+	close(j.done)
+}
+
+// finishLocked records a refill job's result on its lease: an exhausted key is not
+// asked again for a recheck period, an unreachable bucket for a backoff. Manager.mu is
+// held; the caller closes j.done.
+func (m *Manager) finishLocked(l *lease, j *job, res limiter.QuotaResult, limit int64) {
 	now := m.now()
 	j.res = res
 	l.job.Store(nil)
@@ -165,8 +174,6 @@ func (m *Manager) runJob(l *lease, j *job, need, limit int64, rev uint64) {
 	case limiter.QuotaUnreachable:
 		l.aheadUntil.Store(now.Add(m.failBackoff).UnixNano())
 	}
-	m.mu.Unlock()
-	close(j.done)
 }
 
 // giveBackLocked queues a return of everything the lease holds unused. Manager.mu is

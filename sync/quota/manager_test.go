@@ -1,6 +1,7 @@
 package quota
 
 import (
+	"encoding/json"
 	"testing"
 	"time"
 
@@ -8,6 +9,7 @@ import (
 	"github.com/gatehouse-dev/gatehouse/internal/testutil"
 	"github.com/gatehouse-dev/gatehouse/limiter"
 	"github.com/gatehouse-dev/gatehouse/sync/store"
+	natsgo "github.com/nats-io/nats.go"
 )
 
 // TestExact: members on one NATS share a hard limit exactly, whatever their number,
@@ -434,5 +436,47 @@ func TestPendingReturn(t *testing.T) {
 	})
 	if _, ok := a.m.Pending(limiter.CounterKey{Customer: "nobody", Feature: "calls"}); ok {
 		t.Error("Pending of a counter without a lease: ok true")
+	}
+}
+
+// TestFreedDuringRefill: a refill that ends exhausted marks the key so (requests are
+// refused without reading the bucket for a recheck period), unless another sidecar
+// announced units of the key freed while it ran: its last read may predate the
+// return, and the units would sit free in the bucket while requests are refused.
+func TestFreedDuringRefill(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, nil)
+	s := snap(t, "cust_f", 100, 1)
+	a.do(s, 1, false)
+	k := a.counter(s).Key
+	a.m.mu.Lock()
+	l := a.m.leases[k]
+	a.m.mu.Unlock()
+	if l == nil {
+		t.Fatal("no lease after a request")
+	}
+	exhausted := func(freedMeanwhile bool) bool {
+		a.m.mu.Lock()
+		l.exhaustedUntil = 0
+		j := &job{done: make(chan struct{}), freed: l.freed}
+		j.need.Store(1) // a request waits
+		a.m.mu.Unlock()
+		if freedMeanwhile {
+			msg, err := json.Marshal(freedMsg{Key: Key(k), Sidecar: "sc-other000", Returned: 3})
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.m.onFreed(&natsgo.Msg{Data: msg})
+		}
+		a.m.mu.Lock()
+		defer a.m.mu.Unlock()
+		a.m.finishLocked(l, j, limiter.QuotaExhausted, 100)
+		return a.m.now().UnixNano() < l.exhaustedUntil
+	}
+	if !exhausted(false) {
+		t.Error("a refill that found the fleet exhausted did not mark the key")
+	}
+	if exhausted(true) {
+		t.Error("a refill that ended exhausted marked the key although units were freed while it ran")
 	}
 }
