@@ -269,10 +269,10 @@ func TestReplicaServesWhileNATSDown(t *testing.T) {
 // Badger replica is ready at once, so it must serve from it while NATS is away
 // (DESIGN.md section 9) and not only once pushing the seed into the bucket has given up.
 //
-// It fails today: Sidecar.Start pushes the seed synchronously, for up to seedTimeout
-// (10s), before it serves the proxy and the admin listener; meanwhile the bound listener
-// accepts connections and leaves them hanging. The order is checked, not a duration: the
-// request must be answered before the warning that the push gave up is logged.
+// Were Sidecar.Start to push the seed synchronously, for up to seedTimeout (10s), before
+// it serves the proxy and the admin listener, the bound listener would accept
+// connections and leave them hanging. The order is checked, not a duration: the request
+// must be answered before the warning that the push gave up is logged.
 func TestRestartWithSeedServesDuringOutage(t *testing.T) {
 	n := testutil.StartNATS(t)
 	w := newWindows(time.Now())

@@ -13,25 +13,31 @@ import (
 )
 
 // TestRestartAfterKillMidOpenKeepsData restarts a sidecar whose Badger directory holds
-// the empty file that a SIGKILL leaves when it lands while Badger opens (every open
-// creates a new memtable WAL and a new value log file: os.OpenFile(O_CREATE), then
-// truncate and header; a kill between the two leaves 0 bytes). The crash test hits it
-// with its kills during start; here the file is made directly, so that the outcome
-// does not depend on timing.
+// a file that a SIGKILL leaves behind, made directly so that the outcome does not depend
+// on timing (the crash test hits each with its kills):
+//   - the empty memtable WAL or value log file of a kill while Badger opens (every open
+//     creates the next of each: os.OpenFile(O_CREATE), then truncate and header; a kill
+//     between the two leaves 0 bytes). Badger v4.9.6 refuses to open over one
+//     (dgraph-io/badger#2207); sync/store removes it first.
+//   - the half-written table of a kill while Badger flushes a memtable or compacts: the
+//     file is sized first and filled after, and listed in the MANIFEST only once
+//     complete. Badger deletes such a file on open; sync/store's own check of the table
+//     files before Badger opens them (Badger panics on a damaged one) must pass it by.
 //
-// Such a file holds no data, so the database must open with everything in it: the
-// unpublished outbox and the hard limit's counter. It fails today: Badger v4.9.6 refuses
-// to open a directory with a 0-byte .mem or .vlog file (z.NewFile treated as an error,
-// dgraph-io/badger#2207), and sync/store then moves the whole database aside and starts
-// empty, so the usage not yet published is lost and the hard limit is handed out again.
+// None of these holds data, so the database must open with everything in it: the
+// unpublished outbox and the hard limit's counter. Were it moved aside and started
+// empty, the usage not yet published would be lost and the hard limit handed out again.
 func TestRestartAfterKillMidOpenKeepsData(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		pattern *regexp.Regexp
 		format  string
+		content []byte
 	}{
-		{"memtable WAL", regexp.MustCompile(`^(\d+)\.mem$`), "%05d.mem"},
-		{"value log", regexp.MustCompile(`^(\d+)\.vlog$`), "%06d.vlog"},
+		{"memtable WAL", regexp.MustCompile(`^(\d+)\.mem$`), "%05d.mem", nil},
+		{"value log", regexp.MustCompile(`^(\d+)\.vlog$`), "%06d.vlog", nil},
+		// Sized, never filled: the footer reads as an empty index.
+		{"table", regexp.MustCompile(`^(\d+)\.sst$`), "%06d.sst", make([]byte, 64<<10)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := testutil.StartNATS(t)
@@ -57,7 +63,7 @@ func TestRestartAfterKillMidOpenKeepsData(t *testing.T) {
 			}
 			a.closeUnreachable(t, time.Second)
 
-			// The file an interrupted open leaves: the next fid, created, never sized.
+			// The file a kill leaves: the next id, created, never filled.
 			dir := filepath.Join(data, "badger")
 			entries, err := os.ReadDir(dir)
 			if err != nil {
@@ -70,7 +76,7 @@ func TestRestartAfterKillMidOpenKeepsData(t *testing.T) {
 					next = max(next, fid+1)
 				}
 			}
-			writeFile(t, dir, fmt.Sprintf(tc.format, next), nil)
+			writeFile(t, dir, fmt.Sprintf(tc.format, next), tc.content)
 			n.Restart()
 
 			b := startSidecar(t, cfg, log, nil)
@@ -92,8 +98,8 @@ func TestRestartAfterKillMidOpenKeepsData(t *testing.T) {
 // must not admit one more unit (DESIGN.md section 6: the fleet never over-admits; a
 // sidecar that lost its state may under-admit, never over-admit).
 //
-// It fails today: the quota manager takes its grant in the bucket, which includes the
-// used units, as quota it may spend again, less a restored usage that is now 0.
+// The quota manager must not take its grant in the bucket, which includes the used
+// units, for quota it may spend again, less a restored usage that is now 0.
 func TestRebuiltStoreNeverOverAdmits(t *testing.T) {
 	const limit = 10
 	n := testutil.StartNATS(t)
