@@ -54,7 +54,9 @@
 // whose lease has gone unused for a few milliseconds returns all of it at once; a
 // holder still spending its lease keeps it (its traffic uses it) and says so. A return
 // made for an ask is announced on gatehouse.quota.<bucket>.freed, which lets every
-// sidecar that found the key exhausted refill again at its next request. An ask waits
+// sidecar that found the key exhausted refill again at its next request; a refill that
+// requests wait for and that found nothing reads the key again when such an
+// announcement came while it ran (its read may have missed the return). An ask waits
 // at most a quarter of Options.Wait; an ask that found nothing is not repeated until
 // the key's value changes. Far from the limit nothing is asked.
 //

@@ -15,6 +15,10 @@ import (
 // maxConflicts bounds the compare-and-set rounds of one refill or return.
 const maxConflicts = 32
 
+// maxRereads bounds the reads again of a refill job that found the fleet exhausted
+// while units were freed (runJob).
+const maxRereads = 3
+
 // contended is how long after a lost compare-and-set a refill reads the key before it
 // writes, rather than write with the value it last read or wrote.
 const contended = time.Second
@@ -148,6 +152,24 @@ func (m *Manager) runJob(l *lease, j *job, need, limit int64, rev uint64) {
 		res = m.askAfter(l, j, waiting, limit, rev)
 		m.mu.Lock()
 	}
+	// Units another sidecar freed while the job ran (onFreed) may be in the bucket
+	// although the job's last read did not see them: a read that raced the return, or
+	// that took place before it and was answered late. The requests that wait read
+	// again rather than be refused while those units sit there. The freed message
+	// follows the return's write, so a read after it sees the return; a few rounds
+	// bound a stream of freed messages.
+	for range maxRereads {
+		waiting := j.need.Load()
+		if res != limiter.QuotaExhausted || waiting == 0 || l.freed == j.freed || m.closed.Load() {
+			break
+		}
+		j.freed = l.freed
+		m.mu.Unlock()
+		l.refilling.Store(true)
+		res = m.refill(l, j, waiting, limit, rev)
+		l.refilling.Store(false)
+		m.mu.Lock()
+	}
 	m.finishLocked(l, j, res, limit)
 	m.mu.Unlock()
 	close(j.done)
@@ -232,6 +254,9 @@ func (m *Manager) refill(l *lease, j *job, need, limit int64, rev uint64) limite
 		n := m.size(l, free, holders, max(need, 1))
 		if n > 0 {
 			n = max(n, min(j.demand.Load(), free)) // every request that waits, if the bucket has it
+		}
+		if m.afterTake != nil {
+			m.afterTake(l, n)
 		}
 		return n
 	})

@@ -135,6 +135,10 @@ type Manager struct {
 	wantIdle    time.Duration // asked for unused quota, a lease unused this long is returned (want.go)
 	wantBusy    time.Duration // asked for unused quota, a lease still in use after this long is kept
 
+	// afterTake, set by tests only, runs in a refill once it decided how much to take (n)
+	// from the value it read, before it writes: what happens there races the refill.
+	afterTake func(l *lease, n int64)
+
 	st struct {
 		refills, refillErrors, returns, exhausted, conflicts, asks, yields atomic.Uint64
 		returned                                                           atomic.Int64

@@ -1,7 +1,10 @@
 package quota
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -478,5 +481,77 @@ func TestFreedDuringRefill(t *testing.T) {
 	}
 	if exhausted(true) {
 		t.Error("a refill that ended exhausted marked the key although units were freed while it ran")
+	}
+}
+
+// TestRereadWhenFreedDuringRefill: another sidecar returns units, and announces it,
+// after a refill read the bucket and found nothing left, while requests wait for that
+// refill. The requests must get the units (the refill reads again), not be refused
+// while they sit in the bucket. The other sidecar is played by the test: it holds the
+// whole limit in the bucket and answers no ask. Control: with nothing freed, the
+// request is refused.
+func TestRereadWhenFreedDuringRefill(t *testing.T) {
+	const limit, other = 10, "sc-other000"
+	nats := testutil.StartNATS(t)
+	for _, freed := range []bool{false, true} {
+		t.Run(map[bool]string{false: "nothing freed", true: "freed while the refill ran"}[freed], func(t *testing.T) {
+			a := newMember(t, nats, nil)
+			s := snap(t, fmt.Sprintf("cust_r_%v", freed), limit, 1)
+			c := a.counter(s)
+			k := c.Key
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			b, err := a.m.openBucket(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v := newValue(k, c.End)
+			v.Limit, v.LimitRevision = limit, s.Revision
+			v.setGrant(other, limit)
+			if _, err := a.m.write(ctx, b, Key(k), v, 0, c.End); err != nil {
+				t.Fatal(err)
+			}
+			var hooked atomic.Bool
+			a.m.afterTake = func(l *lease, n int64) {
+				if !freed || n != 0 || hooked.Swap(true) {
+					return
+				}
+				// The other sidecar returns its grant and tells the fleet, after this
+				// refill read the value.
+				v, rev, err := a.m.read(ctx, b, Key(k))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				v.setGrant(other, 0)
+				if _, err := a.m.write(ctx, b, Key(k), v, rev, c.End); err != nil {
+					t.Error(err)
+					return
+				}
+				msg, _ := json.Marshal(freedMsg{Key: Key(k), Sidecar: other, Returned: limit})
+				if err := a.m.nc.Publish(a.m.freedSubject(), msg); err != nil {
+					t.Error(err)
+					return
+				}
+				eventually(t, "the freed message heard", func() bool {
+					a.m.mu.Lock()
+					defer a.m.mu.Unlock()
+					return l.freed > 0
+				})
+			}
+			d := a.do(s, 1, false)
+			if freed && !hooked.Load() {
+				t.Fatal("the refill never found the bucket exhausted")
+			}
+			switch {
+			case freed && d.Reason != limiter.OK:
+				t.Errorf("refused (%s) while the units freed during its refill sat in the bucket: %+v", d.Reason, a.value(k))
+			case !freed && d.Reason == limiter.OK:
+				t.Errorf("admitted with the whole limit granted to another sidecar: %+v", a.value(k))
+			}
+			if got := a.value(k); got.Granted > limit {
+				t.Errorf("bucket over the limit: %+v", got)
+			}
+		})
 	}
 }
