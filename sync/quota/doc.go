@@ -50,7 +50,8 @@
 // No sidecar sits on the last units while another refuses (want.go). A refill that
 // finds too little left in the bucket while requests wait for it asks the other
 // holders of the key, on the core NATS subject gatehouse.quota.<bucket>.want, for
-// what they hold unused, and refills once more with what they give back. A holder
+// what they hold unused, and refills once more with what they give back (asking once
+// more when another sidecar took that first while holders had yet to answer). A holder
 // whose lease has gone unused for a few milliseconds returns all of it at once; a
 // holder still spending its lease keeps it (its traffic uses it) and says so. A return
 // made for an ask is announced on gatehouse.quota.<bucket>.freed, which lets every

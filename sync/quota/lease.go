@@ -42,6 +42,7 @@ type lease struct {
 	exhaustedLimit int64               // the limit under which it was exhausted
 	freed          uint64              // how many times other sidecars announced units of the key freed (onFreed)
 	aheadUntil     atomic.Int64        // unix nanoseconds: no refill ahead of need before (the last one failed or found nothing)
+	askedAt        atomic.Int64        // unix nanoseconds: another sidecar last asked for the key's unused units (onWant)
 	retry          atomic.Bool         // the last return failed
 	refilling      atomic.Bool         // a refill's compare-and-set is under way (not its ask)
 	yielding       bool                // a yield job answers the asks of other sidecars (want.go)
@@ -251,9 +252,22 @@ func (m *Manager) refill(l *lease, j *job, need, limit int64, rev uint64) limite
 		if need == 0 && free < 2*holders {
 			return 0
 		}
-		n := m.size(l, free, holders, max(need, 1))
-		if n > 0 {
-			n = max(n, min(j.demand.Load(), free)) // every request that waits, if the bucket has it
+		var n int64
+		switch {
+		case m.now().UnixNano()-l.askedAt.Load() < int64(askedLately):
+			// Other sidecars asked lately for this key's unused units: their requests
+			// wait near the limit too. Take only what the requests waiting here
+			// need, so that no units sit in this lease while theirs are refused.
+			if need == 0 {
+				leftLast = free > 0
+			} else if free >= need {
+				n = min(max(need, j.demand.Load()), free)
+			}
+		default:
+			n = m.size(l, free, holders, max(need, 1))
+			if n > 0 {
+				n = max(n, min(j.demand.Load(), free)) // every request that waits, if the bucket has it
+			}
 		}
 		if m.afterTake != nil {
 			m.afterTake(l, n)

@@ -3,7 +3,9 @@ package quota
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -553,5 +555,116 @@ func TestRereadWhenFreedDuringRefill(t *testing.T) {
 				t.Errorf("bucket over the limit: %+v", got)
 			}
 		})
+	}
+}
+
+// TestAskAgainWhenHoldersWereSilent: a refill finds the bucket fully granted and asks
+// the holders. One gives back a unit at once, which another sidecar takes before the
+// asker's refill; the other holder gives back its units a little later (a real one
+// waits for its lease to go unused first). The asker must ask again and get them, not
+// refuse its request while they sit in the bucket. The holders and the other sidecar
+// are played by the test, which announces no return on the freed subject, so that
+// only a second ask can find the units.
+func TestAskAgainWhenHoldersWereSilent(t *testing.T) {
+	const limit = 3
+	const h1, h2, taker = "sc-holder01", "sc-holder02", "sc-taker001"
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, nil)
+	s := snap(t, "cust_silent", limit, 1)
+	c := a.counter(s)
+	k := c.Key
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	b, err := a.m.openBucket(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := newValue(k, c.End)
+	v.Limit, v.LimitRevision = limit, s.Revision
+	v.setGrant(h1, 1)
+	v.setGrant(h2, 2)
+	if _, err := a.m.write(ctx, b, Key(k), v, 0, c.End); err != nil {
+		t.Fatal(err)
+	}
+	// set changes the grants of the played sidecars by compare-and-set.
+	set := func(grants map[string]int64) {
+		for {
+			v, rev, err := a.m.read(ctx, b, Key(k))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			for id, g := range grants {
+				v.setGrant(id, g)
+			}
+			if _, err = a.m.write(ctx, b, Key(k), v, rev, c.End); !errors.Is(err, errConflict) {
+				if err != nil {
+					t.Error(err)
+				}
+				return
+			}
+		}
+	}
+	answer := func(reply, id string, returned int64) {
+		msg, _ := json.Marshal(answerMsg{Sidecar: id, Returned: returned})
+		if err := a.m.nc.Publish(reply, msg); err != nil {
+			t.Error(err)
+		}
+	}
+	var (
+		mu       sync.Mutex
+		asks     int
+		h2Gave   bool
+		h2Askers []string
+	)
+	sub, err := a.m.nc.Subscribe(a.m.wantSubject(), func(msg *natsgo.Msg) {
+		mu.Lock()
+		defer mu.Unlock()
+		asks++
+		answer(msg.Reply, taker, 0) // it spends what it takes
+		if asks == 1 {
+			// h1 gives its unit back, and the taker takes it before the asker can.
+			set(map[string]int64{h1: 0})
+			set(map[string]int64{taker: 1})
+			answer(msg.Reply, h1, 1)
+			// h2 gives back 40 ms later, answering every ask made meanwhile.
+			time.AfterFunc(40*time.Millisecond, func() {
+				mu.Lock()
+				defer mu.Unlock()
+				set(map[string]int64{h2: 0})
+				for _, r := range append(h2Askers, msg.Reply) {
+					answer(r, h2, 2)
+				}
+				h2Gave = true
+			})
+			return
+		}
+		answer(msg.Reply, h1, 0)
+		if h2Gave {
+			answer(msg.Reply, h2, 0)
+		} else {
+			h2Askers = append(h2Askers, msg.Reply)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+
+	if d := a.do(s, 1, false); d.Reason != limiter.OK {
+		t.Errorf("refused (%s) while a holder gave back 2 units during the ask: %+v", d.Reason, a.value(k))
+	}
+	eventually(t, "the second holder to give back", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return h2Gave
+	})
+	mu.Lock()
+	if asks < 2 {
+		t.Errorf("asked %d times, want a second ask after the units given first were taken", asks)
+	}
+	mu.Unlock()
+	if got := a.value(k); got.Granted > limit {
+		t.Errorf("bucket over the limit: %+v", got)
 	}
 }

@@ -17,7 +17,11 @@ import (
 // left while requests wait for it, and other sidecars hold grants on the key, asks
 // them: it publishes the key on the core NATS subject "gatehouse.quota.<bucket>.want"
 // with a reply inbox, waits (at most askWait, well within Options.Wait) until each
-// holder answered or enough was returned, then refills once more. A holder with a
+// holder answered or enough was returned, then refills once more; if another sidecar
+// took what was returned first while some holders had not answered yet, it asks once
+// more (maxAskRounds). A sidecar asked for a key's units lately takes no more than its
+// waiting requests need when it refills the key (askedLately): the askers' requests
+// wait near the limit too. A holder with a
 // lease of the key answers at once when it holds nothing unused; otherwise, as soon as
 // the lease has gone unused for wantIdle (its traffic stopped), it returns the whole
 // unused lease to the bucket, answers with how much, and tells the fleet on
@@ -39,6 +43,8 @@ const (
 	wantPoll        = 2 * time.Millisecond   // how often a holder looks at its lease meanwhile
 	askSlack        = 20 * time.Millisecond  // an asker's wait beyond wantBusy, at least
 	askMax          = 250 * time.Millisecond // an asker waits at most this, and Options.Wait/4
+	maxAskRounds    = 2                      // asks of one refill job: within Options.Wait/2
+	askedLately     = time.Second            // a sidecar asked this recently takes only what waits
 )
 
 // wantMsg is the message of an ask; the reply subject receives the answers.
@@ -141,13 +147,15 @@ func (m *Manager) askWait() time.Duration {
 }
 
 // ask asks the holders of l's key for their unused units after a refill found fewer
-// than need left, and returns how many they gave back to the bucket, and whether any
-// answered. When no holder reported unused units, given back or kept, it records the
-// revision asked at in l.quietRev. It runs in a refill's job, holding no lock.
-func (m *Manager) ask(l *lease, need int64) (returned int64, answered bool) {
+// than need left, and returns how many they gave back to the bucket, whether any
+// answered, and how many holders had not answered when it stopped listening: when
+// every holder answered, when need was given back, or after askWait. When no holder
+// reported unused units, given back or kept, it records the revision asked at in
+// l.quietRev. It runs in a refill's job, holding no lock.
+func (m *Manager) ask(l *lease, need int64) (returned int64, answered bool, silent int) {
 	ids, rev := m.holdersOf(l)
 	if len(ids) == 0 || !m.connected() {
-		return 0, false
+		return 0, false, len(ids)
 	}
 	var kept int64
 	defer func() {
@@ -160,12 +168,12 @@ func (m *Manager) ask(l *lease, need int64) (returned int64, answered bool) {
 	inbox := m.nc.NewInbox()
 	sub, err := m.nc.SubscribeSync(inbox)
 	if err != nil {
-		return 0, false
+		return 0, false, len(ids)
 	}
 	defer sub.Unsubscribe()
 	data, _ := json.Marshal(wantMsg{Key: l.kvKey, Sidecar: m.id})
 	if err := m.nc.PublishMsg(&nats.Msg{Subject: m.wantSubject(), Reply: inbox, Data: data}); err != nil {
-		return 0, false
+		return 0, false, len(ids)
 	}
 	m.st.asks.Add(1)
 	ctx, cancel := context.WithTimeout(m.ctx, m.askWait())
@@ -187,7 +195,7 @@ func (m *Manager) ask(l *lease, need int64) (returned int64, answered bool) {
 	if ce := m.log.Check(zap.DebugLevel, "asked the fleet for unused quota"); ce != nil {
 		ce.Write(zap.String("key", l.kvKey), zap.Int64("returned", returned), zap.Int("silent", len(ids)))
 	}
-	return returned, answered
+	return returned, answered, len(ids)
 }
 
 // onWant answers another sidecar's ask: at once when this sidecar holds nothing
@@ -208,6 +216,7 @@ func (m *Manager) onWant(msg *nats.Msg) {
 		m.mu.Unlock()
 		return // a sidecar with no lease of the key holds nothing of it
 	}
+	l.askedAt.Store(m.now().UnixNano())
 	if !l.yielding && l.c.Lease() <= 0 && !l.refilling.Load() {
 		m.mu.Unlock()
 		m.answer(msg.Reply, 0, 0)
@@ -311,12 +320,22 @@ func (m *Manager) answer(reply string, returned, kept int64) {
 // while requests wait for it: it asks the holders and, if any answered, refills once
 // more: with what they gave back, or what another holder gave back to another asker
 // between this job's read and its ask (that holder then answers 0: it holds nothing
-// any more).
+// any more). When that refill finds nothing (another sidecar took what was given)
+// while holders had not answered yet, it asks once more: a holder waits for its lease
+// to go unused before it gives, so its units may come after the first ones were taken.
 func (m *Manager) askAfter(l *lease, j *job, need, limit int64, rev uint64) limiter.QuotaResult {
-	if _, answered := m.ask(l, need); !answered {
-		return limiter.QuotaExhausted
+	res := limiter.QuotaExhausted
+	for range maxAskRounds {
+		_, answered, silent := m.ask(l, need)
+		if !answered {
+			return res
+		}
+		l.refilling.Store(true)
+		res = m.refill(l, j, max(need, j.need.Load()), limit, rev)
+		l.refilling.Store(false)
+		if res != limiter.QuotaExhausted || silent == 0 || m.closed.Load() {
+			return res
+		}
 	}
-	l.refilling.Store(true)
-	defer l.refilling.Store(false)
-	return m.refill(l, j, need, limit, rev)
+	return res
 }
