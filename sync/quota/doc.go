@@ -59,7 +59,10 @@
 // requests wait for and that found nothing reads the key again when such an
 // announcement came while it ran (its read may have missed the return). An ask waits
 // at most a quarter of Options.Wait; an ask that found nothing is not repeated until
-// the key's value changes. Far from the limit nothing is asked.
+// the key's value changes. A sidecar asked for a key's units within the last second
+// takes, when it refills that key, only what its own waiting requests need, and
+// nothing ahead of need: the askers' requests wait too. Far from the limit nothing is
+// asked.
 //
 // The maintenance loop lets a counter whose ask was turned down (backoff, fleet
 // exhausted, NATS away) ask again every tick (250 ms), and walks every lease once a
