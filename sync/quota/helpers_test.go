@@ -2,6 +2,7 @@ package quota
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -188,6 +189,58 @@ func (mb *member) value(k limiter.CounterKey) *Value {
 		mb.t.Fatal(err)
 	}
 	return v
+}
+
+// playGrants writes the bucket's value of s's "calls" counter with s's limit and the
+// grants of sidecars that the test plays, and returns the counter's key.
+func (mb *member) playGrants(s *limiter.Snapshot, grants map[string]int64) limiter.CounterKey {
+	mb.t.Helper()
+	c := mb.counter(s)
+	v := newValue(c.Key, c.End)
+	v.Limit, v.LimitRevision = s.Feature("calls").Limit, s.Revision
+	for id, g := range grants {
+		v.setGrant(id, g)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	b, err := mb.m.openBucket(ctx)
+	if err != nil {
+		mb.t.Fatal(err)
+	}
+	if _, err := mb.m.write(ctx, b, Key(c.Key), v, 0, c.End); err != nil {
+		mb.t.Fatal(err)
+	}
+	return c.Key
+}
+
+// setPlayed changes grants of sidecars that the test plays in the bucket's value of s's
+// "calls" counter, by compare-and-set as a sidecar would. It may run off the test's
+// goroutine: it reports failures with Error.
+func (mb *member) setPlayed(s *limiter.Snapshot, grants map[string]int64) {
+	c := mb.counter(s)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	b, err := mb.m.openBucket(ctx)
+	if err != nil {
+		mb.t.Error(err)
+		return
+	}
+	for {
+		v, rev, err := mb.m.read(ctx, b, Key(c.Key))
+		if err != nil {
+			mb.t.Error(err)
+			return
+		}
+		for id, g := range grants {
+			v.setGrant(id, g)
+		}
+		if _, err = mb.m.write(ctx, b, Key(c.Key), v, rev, c.End); !errors.Is(err, errConflict) {
+			if err != nil {
+				mb.t.Error(err)
+			}
+			return
+		}
+	}
 }
 
 // eventually polls cond until it holds or 10s pass.

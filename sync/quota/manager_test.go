@@ -1,9 +1,7 @@
 package quota
 
 import (
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -499,20 +497,7 @@ func TestRereadWhenFreedDuringRefill(t *testing.T) {
 		t.Run(map[bool]string{false: "nothing freed", true: "freed while the refill ran"}[freed], func(t *testing.T) {
 			a := newMember(t, nats, nil)
 			s := snap(t, fmt.Sprintf("cust_r_%v", freed), limit, 1)
-			c := a.counter(s)
-			k := c.Key
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			b, err := a.m.openBucket(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			v := newValue(k, c.End)
-			v.Limit, v.LimitRevision = limit, s.Revision
-			v.setGrant(other, limit)
-			if _, err := a.m.write(ctx, b, Key(k), v, 0, c.End); err != nil {
-				t.Fatal(err)
-			}
+			k := a.playGrants(s, map[string]int64{other: limit})
 			var hooked atomic.Bool
 			a.m.afterTake = func(l *lease, n int64) {
 				if !freed || n != 0 || hooked.Swap(true) {
@@ -520,16 +505,7 @@ func TestRereadWhenFreedDuringRefill(t *testing.T) {
 				}
 				// The other sidecar returns its grant and tells the fleet, after this
 				// refill read the value.
-				v, rev, err := a.m.read(ctx, b, Key(k))
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				v.setGrant(other, 0)
-				if _, err := a.m.write(ctx, b, Key(k), v, rev, c.End); err != nil {
-					t.Error(err)
-					return
-				}
+				a.setPlayed(s, map[string]int64{other: 0})
 				msg, _ := json.Marshal(freedMsg{Key: Key(k), Sidecar: other, Returned: limit})
 				if err := a.m.nc.Publish(a.m.freedSubject(), msg); err != nil {
 					t.Error(err)
@@ -571,40 +547,8 @@ func TestAskAgainWhenHoldersWereSilent(t *testing.T) {
 	nats := testutil.StartNATS(t)
 	a := newMember(t, nats, nil)
 	s := snap(t, "cust_silent", limit, 1)
-	c := a.counter(s)
-	k := c.Key
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	b, err := a.m.openBucket(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := newValue(k, c.End)
-	v.Limit, v.LimitRevision = limit, s.Revision
-	v.setGrant(h1, 1)
-	v.setGrant(h2, 2)
-	if _, err := a.m.write(ctx, b, Key(k), v, 0, c.End); err != nil {
-		t.Fatal(err)
-	}
-	// set changes the grants of the played sidecars by compare-and-set.
-	set := func(grants map[string]int64) {
-		for {
-			v, rev, err := a.m.read(ctx, b, Key(k))
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			for id, g := range grants {
-				v.setGrant(id, g)
-			}
-			if _, err = a.m.write(ctx, b, Key(k), v, rev, c.End); !errors.Is(err, errConflict) {
-				if err != nil {
-					t.Error(err)
-				}
-				return
-			}
-		}
-	}
+	k := a.playGrants(s, map[string]int64{h1: 1, h2: 2})
+	set := func(grants map[string]int64) { a.setPlayed(s, grants) }
 	answer := func(reply, id string, returned int64) {
 		msg, _ := json.Marshal(answerMsg{Sidecar: id, Returned: returned})
 		if err := a.m.nc.Publish(reply, msg); err != nil {
@@ -666,5 +610,51 @@ func TestAskAgainWhenHoldersWereSilent(t *testing.T) {
 	mu.Unlock()
 	if got := a.value(k); got.Granted > limit {
 		t.Errorf("bucket over the limit: %+v", got)
+	}
+}
+
+// TestAskedTakesOnlyWhatWaits: a sidecar that another sidecar asked for a key's unused
+// units refills that key with only what its waiting request needs, not a lease sized by
+// its rate or by what is left, so that it does not sit on units the asker's requests
+// wait for. Control: before the ask, a refill takes more than one unit.
+func TestAskedTakesOnlyWhatWaits(t *testing.T) {
+	nats := testutil.StartNATS(t)
+	a := newMember(t, nats, nil)
+	s := snap(t, "cust_asked", 1000, 1)
+	k := a.counter(s).Key
+	if d := a.do(s, 1, false); d.Reason != limiter.OK {
+		t.Fatalf("first request: %+v", d)
+	}
+	settle(t, []*member{a})
+	if g, _ := a.m.Grant(k); g <= 1 {
+		t.Fatalf("before any ask the first lease is %d units, want more than the request's one", g)
+	}
+	// Another sidecar asks; a's lease is unused, so a gives it back (yield).
+	inbox := a.m.nc.NewInbox()
+	answers, err := a.m.nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, _ := json.Marshal(wantMsg{Key: Key(k), Sidecar: "sc-asker001"})
+	if err := a.m.nc.PublishMsg(&natsgo.Msg{Subject: a.m.wantSubject(), Reply: inbox, Data: msg}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := answers.NextMsg(5 * time.Second); err != nil {
+		t.Fatalf("no answer to the ask: %v", err)
+	}
+	if held, _ := a.m.Held(k); held != 0 {
+		t.Fatalf("after the ask a holds %d unused, want 0 (given back)", held)
+	}
+	for i := range 3 {
+		if d := a.do(s, 1, false); d.Reason != limiter.OK {
+			t.Fatalf("request %d after the ask: %+v", i, d)
+		}
+		settle(t, []*member{a})
+		if held, _ := a.m.Held(k); held != 0 {
+			t.Errorf("request %d after the ask: a holds %d unused units, want only what its request needed", i, held)
+		}
+	}
+	if g, _ := a.m.Grant(k); g != 4 {
+		t.Errorf("a's grant %d, want the 4 units it used", g)
 	}
 }
