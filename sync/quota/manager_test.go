@@ -511,11 +511,19 @@ func TestRereadWhenFreedDuringRefill(t *testing.T) {
 					t.Error(err)
 					return
 				}
-				eventually(t, "the freed message heard", func() bool {
+				// The hook runs in the refill's goroutine, where t.Fatal must not be
+				// called: wait with Error.
+				heard := func() bool {
 					a.m.mu.Lock()
 					defer a.m.mu.Unlock()
 					return l.freed > 0
-				})
+				}
+				for deadline := time.Now().Add(10 * time.Second); !heard(); time.Sleep(time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Error("the freed message was never heard")
+						return
+					}
+				}
 			}
 			d := a.do(s, 1, false)
 			if freed && !hooked.Load() {
