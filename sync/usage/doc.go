@@ -46,8 +46,9 @@
 // mark past those keys in one. So a counter's durable value, which Restore gives the
 // limiter, is the sum of its parts in those four places. Every transaction is the
 // publisher's, and small (the cut writes three entries or so, a settle step 256
-// counters). A pass merges up to 8 messages (or waits at most 10 s for them), so that a
-// busy key is written once per pass rather than once per message.
+// counters). A pass merges up to 16 messages (or waits at most a minute for them, or
+// until they hold 262,144 deltas), so that a busy key is written once per pass rather
+// than once per message.
 //
 // Overage of a limited feature is computed as records leave the log, from the key's
 // durable total in log order, which is the order in which usage became durable.

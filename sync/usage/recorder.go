@@ -82,7 +82,10 @@ type Recorder struct {
 	settleChunk int // keys settled into the counters per transaction
 	// A settling pass merges acknowledged messages (see settleStep): it starts once
 	// settleMessages of them wait, or settleEntries deltas, or the oldest waited
-	// settleAfter.
+	// settleAfter. The longer a pass waits, the more often each busy key is written once
+	// instead of once per pass: at 5,000 requests a second over 10,000 customers, every
+	// 5 s message carries most of the same keys. settleEntries bounds the memory that
+	// waiting takes (about 100 bytes a delta).
 	settleMessages int
 	settleEntries  int
 	settleAfter    time.Duration
@@ -179,9 +182,9 @@ func newRecorder(db *badger.DB, dataDir, sidecarID, epoch string, opts Options) 
 		conflictBackoff: 30 * time.Second,
 		requestTimeout:  5 * time.Second,
 		settleChunk:     256,
-		settleMessages:  8,
+		settleMessages:  16,
 		settleEntries:   1 << 18,
-		settleAfter:     10 * time.Second,
+		settleAfter:     time.Minute,
 		readAheadEvery:  min(max(opts.FlushInterval/16, 5*time.Millisecond), 100*time.Millisecond),
 		sweepChunk:      256,
 		housePace:       time.Millisecond,
