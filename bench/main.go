@@ -80,7 +80,7 @@ func parseOptions(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.SlowLog, "slow-log", "", "write every recorded open-loop request slower than -slow-over to this file: intended send time (unix µs), latency (µs), target and run, one per line: whether slow requests come in bursts, and when (the sidecar's usage flush interval is 5 s by default)")
 	fs.DurationVar(&o.SlowOver, "slow-over", 1500*time.Microsecond, "see -slow-log")
 	fs.DurationVar(&o.Warmup, "warmup", time.Second, "unrecorded warm-up before each closed-loop run")
-	fs.DurationVar(&o.OpenDuration, "open-duration", 3*time.Second, "recorded time of each open-loop run at -rate")
+	fs.DurationVar(&o.OpenDuration, "open-duration", 3*time.Second, "recorded time of each open-loop run at -rate; at least the sidecar's usage.flush_interval (5 s by default) when it publishes usage, so that every run holds one of its cuts")
 	fs.DurationVar(&o.OpenWarmup, "open-warmup", 500*time.Millisecond, "unrecorded warm-up before each open-loop run")
 	fs.DurationVar(&o.SweepDuration, "sweep-duration", 3*time.Second, "recorded time of each open-loop run at -rates")
 	fs.IntVar(&o.Conns, "conns", 64, "connections (closed loop: each sends as fast as answered; open loop: the pool)")

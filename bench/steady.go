@@ -75,7 +75,7 @@ func (steadyScenario) plan(o *options) time.Duration {
 	if o.Control {
 		closed += 2 * (o.Warmup + o.Duration + perRun)
 	}
-	open := time.Duration(2*o.Pairs+2) * (o.OpenWarmup + o.OpenDuration + perRun)
+	open := time.Duration(2*o.Pairs+2) * (o.OpenWarmup + planOpen(o) + perRun)
 	sweep := time.Duration(4*len(o.Rates)) * (o.OpenWarmup + o.SweepDuration + perRun)
 	return closed + open + sweep + 10*time.Second // start, sanity, leases, usage check
 }
@@ -155,7 +155,8 @@ func (steadyScenario) Run(ctx context.Context, e *env) (*scenarioResult, error) 
 	}
 
 	// Open loop at the fixed rate: (sidecar, bare) pairs, then nginx and the upstream.
-	open := runSpec{open: true, rate: o.Rate, conns: o.Conns, warmup: o.OpenWarmup, duration: o.OpenDuration, drain: drainFor(o.OpenDuration)}
+	openFor := e.openDuration(sidecar)
+	open := runSpec{open: true, rate: o.Rate, conns: o.Conns, warmup: o.OpenWarmup, duration: openFor, drain: drainFor(openFor)}
 	pairOrder := func(i int) []*proc {
 		if i%2 == 0 {
 			return []*proc{sidecar, bare}

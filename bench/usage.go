@@ -22,14 +22,42 @@ import (
 // until they agree or stop changing.
 
 // usageQuiet is how long published usage may stay the same before the check gives up
-// on it: two of the sidecar's flush intervals and a second (the default's when its
-// configuration does not load here: a -gatehouse binary of another version).
+// on it: two of the sidecar's flush intervals and a second.
 func usageQuiet(configPath string) time.Duration {
-	interval := config.Default().Usage.FlushInterval
+	return 2*flushInterval(configPath) + time.Second
+}
+
+// flushInterval is the usage.flush_interval of the sidecar configured by the file at
+// configPath: the default's when the configuration does not load here (a -gatehouse
+// binary of another version).
+func flushInterval(configPath string) time.Duration {
 	if cfg, err := config.Load(configPath); err == nil {
-		interval = cfg.Usage.FlushInterval
+		return cfg.Usage.FlushInterval
 	}
-	return 2*interval + time.Second
+	return config.Default().Usage.FlushInterval
+}
+
+// openDuration is the recorded time of the open-loop runs at -rate that compare sidecar
+// p with a baseline: -open-duration, but at least p's usage flush interval when p
+// publishes usage. The publisher's work comes once per interval (a cut, its message, a
+// share of settling); a shorter run holds a cut or none, and its p99 depends on which,
+// so that the per-pair differences would be drawn from two populations. A run of one
+// interval or more holds the same share of that work as a long window does.
+func (e *env) openDuration(p *proc) time.Duration {
+	d := e.o.OpenDuration
+	if e.caps[capUsage] && !p.usageOff {
+		d = max(d, flushInterval(p.config))
+	}
+	return d
+}
+
+// planOpen is openDuration for plans, before any sidecar runs: with the default flush
+// interval when usage is on.
+func planOpen(o *options) time.Duration {
+	if !o.Usage {
+		return o.OpenDuration
+	}
+	return max(o.OpenDuration, config.Default().Usage.FlushInterval)
 }
 
 // unit is what one admitted request of a template costs one feature.

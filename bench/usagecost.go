@@ -40,7 +40,8 @@ func usageCostAbout(o *options) string {
 
 func (usageCostScenario) plan(o *options) time.Duration {
 	closed := time.Duration(2*o.Pairs) * (o.Warmup + o.Duration + perRun)
-	open := time.Duration(2*o.Pairs+1) * (o.OpenWarmup + o.OpenDuration + perRun)
+	open := time.Duration(2*o.Pairs) * (o.OpenWarmup + max(o.OpenDuration, config.Default().Usage.FlushInterval) + perRun)
+	open += o.OpenWarmup + max(o.OpenDuration, 2*config.Default().Usage.FlushInterval+time.Second) + perRun
 	return closed + open + 15*time.Second // two starts, sanity, leases, usage check
 }
 
@@ -145,7 +146,8 @@ func (usageCostScenario) Run(ctx context.Context, e *env) (*scenarioResult, erro
 	ur.Rounds, ur.ThroughputRatio, ur.AddedCPU = roundsOf(rounds, nil), newStat(ratios), newStat(cpu)
 	ur.ClosedSummary = summarizeRuns(ur.Closed, "closed")
 
-	open := runSpec{open: true, rate: o.Rate, conns: o.Conns, warmup: o.OpenWarmup, duration: o.OpenDuration, drain: drainFor(o.OpenDuration)}
+	openFor := e.openDuration(on) // usage-off runs as long, in pairs
+	open := runSpec{open: true, rate: o.Rate, conns: o.Conns, warmup: o.OpenWarmup, duration: openFor, drain: drainFor(openFor)}
 	pairs, err := e.rounds(ctx, fmt.Sprintf("usage open %.0f/s", o.Rate), "open", o.Pairs, order, wl, open, keep(&ur.Open))
 	if err != nil {
 		return nil, err
