@@ -118,43 +118,40 @@ type LeaseStats struct {
 // them to the admin listener. Call it once, before Start.
 func (s *Sidecar) attach(p Parts) error {
 	var cs []prometheus.Collector
-	gauge := func(name, help string, f func() float64) {
-		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f))
-	}
-	counter := func(name, help string, f func() float64) {
-		cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, f))
-	}
 	if r := p.Replica; r != nil && r.Stats != nil {
-		st := r.Stats
-		gauge("gatehouse_replica_revision", "KV revision of the last entitlement change applied.", func() float64 { return float64(st().Revision) })
-		gauge("gatehouse_replica_lag_revisions", "Entitlement changes on the server not applied yet (0 when unknown).", func() float64 { return float64(st().Lag) })
-		gauge("gatehouse_replica_staleness_seconds", "How far behind the control plane the replica may be.", func() float64 { return st().Staleness.Seconds() })
-		gauge("gatehouse_replica_last_contact_timestamp_seconds", "Last word from NATS, Unix seconds (0: never).", func() float64 { return unixSeconds(st().LastContact) })
-		gauge("gatehouse_replica_caught_up", "1 once the replica has caught up with the bucket.", func() float64 { return boolFloat(st().CaughtUp) })
-		counter("gatehouse_replica_applied_total", "Entitlement snapshots applied.", func() float64 { return float64(st().Applied) })
-		gauge("gatehouse_replica_customers", "Customers in the replica.", func() float64 { return float64(st().Customers) })
-		gauge("gatehouse_replica_cached_customers", "Customers decoded in memory (entitlements.cache_size bounds them).", func() float64 { return float64(st().Cached) })
-		counter("gatehouse_replica_cache_loads_total", "Badger reads on the request path: customers not in memory, known or not.", func() float64 { return float64(st().Loads) })
-		counter("gatehouse_replica_rejected_snapshots_total", "Entitlement snapshots rejected whole (bad JSON or invalid); the last good one stays.", func() float64 { return float64(st().Rejected) })
+		c := &statsCollector[ReplicaStats]{stats: r.Stats}
+		c.gauge("gatehouse_replica_revision", "KV revision of the last entitlement change applied.", func(s *ReplicaStats) float64 { return float64(s.Revision) })
+		c.gauge("gatehouse_replica_lag_revisions", "Entitlement changes on the server not applied yet (0 when unknown).", func(s *ReplicaStats) float64 { return float64(s.Lag) })
+		c.gauge("gatehouse_replica_staleness_seconds", "How far behind the control plane the replica may be.", func(s *ReplicaStats) float64 { return s.Staleness.Seconds() })
+		c.gauge("gatehouse_replica_last_contact_timestamp_seconds", "Last word from NATS, Unix seconds (0: never).", func(s *ReplicaStats) float64 { return unixSeconds(s.LastContact) })
+		c.gauge("gatehouse_replica_caught_up", "1 once the replica has caught up with the bucket.", func(s *ReplicaStats) float64 { return boolFloat(s.CaughtUp) })
+		c.counter("gatehouse_replica_applied_total", "Entitlement snapshots applied.", func(s *ReplicaStats) float64 { return float64(s.Applied) })
+		c.gauge("gatehouse_replica_customers", "Customers in the replica.", func(s *ReplicaStats) float64 { return float64(s.Customers) })
+		c.gauge("gatehouse_replica_cached_customers", "Customers decoded in memory (entitlements.cache_size bounds them).", func(s *ReplicaStats) float64 { return float64(s.Cached) })
+		c.counter("gatehouse_replica_cache_loads_total", "Badger reads on the request path: customers not in memory, known or not.", func(s *ReplicaStats) float64 { return float64(s.Loads) })
+		c.counter("gatehouse_replica_rejected_snapshots_total", "Entitlement snapshots rejected whole (bad JSON or invalid); the last good one stays.", func(s *ReplicaStats) float64 { return float64(s.Rejected) })
+		cs = append(cs, c)
 	}
 	if u := p.Usage; u != nil && u.Stats != nil {
-		st := u.Stats
-		gauge("gatehouse_usage_outbox_bytes", "Committed usage not yet acknowledged by JetStream, in bytes.", func() float64 { return float64(st().OutboxBytes) })
-		gauge("gatehouse_usage_outbox_records", "Usage log records (one per admitted request with usage) not yet in a published message.", func() float64 { return float64(st().OutboxRecords) })
-		gauge("gatehouse_usage_log_file_bytes", "Size of the usage log's segment files on disk.", func() float64 { return float64(st().LogFileBytes) })
-		gauge("gatehouse_usage_outbox_at_bound", "1 while the outbox is at usage.max_outbox_bytes and folds the log into per-key totals.", func() float64 { return boolFloat(st().AtBound) })
-		counter("gatehouse_usage_publish_errors_total", "Failed attempts to publish usage to JetStream.", func() float64 { return float64(st().PublishErrors) })
-		counter("gatehouse_usage_records_total", "Usage records made durable (one per metered feature of an admitted request).", func() float64 { return float64(st().Records) })
-		counter("gatehouse_usage_badger_writes_total", "Badger write transactions of the usage recorder (message cuts, acknowledgements, settling into the counters); none per request.", func() float64 { return float64(st().BadgerWrites) })
-		counter("gatehouse_usage_published_messages_total", "Usage messages acknowledged by JetStream.", func() float64 { return float64(st().Published) })
-		gauge("gatehouse_usage_unsettled_messages", "Acknowledged usage messages not yet settled into the durable counters.", func() float64 { return float64(st().Unsettled) })
+		c := &statsCollector[UsageStats]{stats: u.Stats}
+		c.gauge("gatehouse_usage_outbox_bytes", "Committed usage not yet acknowledged by JetStream, in bytes.", func(s *UsageStats) float64 { return float64(s.OutboxBytes) })
+		c.gauge("gatehouse_usage_outbox_records", "Usage log records (one per admitted request with usage) not yet in a published message.", func(s *UsageStats) float64 { return float64(s.OutboxRecords) })
+		c.gauge("gatehouse_usage_log_file_bytes", "Size of the usage log's segment files on disk.", func(s *UsageStats) float64 { return float64(s.LogFileBytes) })
+		c.gauge("gatehouse_usage_outbox_at_bound", "1 while the outbox is at usage.max_outbox_bytes and folds the log into per-key totals.", func(s *UsageStats) float64 { return boolFloat(s.AtBound) })
+		c.counter("gatehouse_usage_publish_errors_total", "Failed attempts to publish usage to JetStream.", func(s *UsageStats) float64 { return float64(s.PublishErrors) })
+		c.counter("gatehouse_usage_records_total", "Usage records made durable (one per metered feature of an admitted request).", func(s *UsageStats) float64 { return float64(s.Records) })
+		c.counter("gatehouse_usage_badger_writes_total", "Badger write transactions of the usage recorder (message cuts, acknowledgements, settling into the counters); none per request.", func(s *UsageStats) float64 { return float64(s.BadgerWrites) })
+		c.counter("gatehouse_usage_published_messages_total", "Usage messages acknowledged by JetStream.", func(s *UsageStats) float64 { return float64(s.Published) })
+		c.gauge("gatehouse_usage_unsettled_messages", "Acknowledged usage messages not yet settled into the durable counters.", func(s *UsageStats) float64 { return float64(s.Unsettled) })
+		cs = append(cs, c)
 	}
 	if l := p.Leases; l != nil && l.Stats != nil {
-		st := l.Stats
-		counter("gatehouse_lease_refills_total", "Quota leases granted to this sidecar.", func() float64 { return float64(st().Refills) })
-		counter("gatehouse_lease_refill_errors_total", "Quota lease refills that failed.", func() float64 { return float64(st().RefillErrors) })
-		gauge("gatehouse_leases_held", "Quota leases this sidecar holds.", func() float64 { return float64(st().Leases) })
-		gauge("gatehouse_lease_held_quota", "Quota units this sidecar holds, all leases together.", func() float64 { return float64(st().HeldUnits) })
+		c := &statsCollector[LeaseStats]{stats: l.Stats}
+		c.counter("gatehouse_lease_refills_total", "Quota leases granted to this sidecar.", func(s *LeaseStats) float64 { return float64(s.Refills) })
+		c.counter("gatehouse_lease_refill_errors_total", "Quota lease refills that failed.", func(s *LeaseStats) float64 { return float64(s.RefillErrors) })
+		c.gauge("gatehouse_leases_held", "Quota leases this sidecar holds.", func(s *LeaseStats) float64 { return float64(s.Leases) })
+		c.gauge("gatehouse_lease_held_quota", "Quota units this sidecar holds, all leases together.", func(s *LeaseStats) float64 { return float64(s.HeldUnits) })
+		cs = append(cs, c)
 	}
 	for _, c := range cs {
 		if err := s.Registry.Register(c); err != nil {
@@ -165,6 +162,41 @@ func (s *Sidecar) attach(p Parts) error {
 		s.admin.parts.Store(&p)
 	}
 	return nil
+}
+
+// statsCollector exports a component's figures, read with one call of its Stats
+// function per scrape: the figures of a scrape then come from one moment, and a Stats
+// that walks something (the quota's walks every lease) walks once, not once per figure.
+type statsCollector[S any] struct {
+	stats   func() S
+	metrics []statMetric[S]
+}
+
+type statMetric[S any] struct {
+	desc  *prometheus.Desc
+	kind  prometheus.ValueType
+	value func(*S) float64
+}
+
+func (c *statsCollector[S]) gauge(name, help string, f func(*S) float64) {
+	c.metrics = append(c.metrics, statMetric[S]{prometheus.NewDesc(name, help, nil, nil), prometheus.GaugeValue, f})
+}
+
+func (c *statsCollector[S]) counter(name, help string, f func(*S) float64) {
+	c.metrics = append(c.metrics, statMetric[S]{prometheus.NewDesc(name, help, nil, nil), prometheus.CounterValue, f})
+}
+
+func (c *statsCollector[S]) Describe(ch chan<- *prometheus.Desc) {
+	for _, m := range c.metrics {
+		ch <- m.desc
+	}
+}
+
+func (c *statsCollector[S]) Collect(ch chan<- prometheus.Metric) {
+	s := c.stats()
+	for _, m := range c.metrics {
+		ch <- prometheus.MustNewConstMetric(m.desc, m.kind, m.value(&s))
+	}
 }
 
 func unixSeconds(t time.Time) float64 {

@@ -489,9 +489,10 @@ func TestMetricsEndpoint(t *testing.T) {
 	usage.Store(&UsageStats{OutboxBytes: 4096, OutboxRecords: 3, LogFileBytes: 8 << 20, PublishErrors: 1})
 	var leases atomic.Pointer[LeaseStats]
 	leases.Store(&LeaseStats{Refills: 4, RefillErrors: 1, Leases: 2, HeldUnits: 150})
+	var usageCalls, leaseCalls atomic.Int64 // a scrape reads each component's Stats once
 	err := a.attach(Parts{Replica: rep.view(),
-		Usage:  &UsageView{Stats: func() UsageStats { return *usage.Load() }},
-		Leases: &LeaseView{Stats: func() LeaseStats { return *leases.Load() }}})
+		Usage:  &UsageView{Stats: func() UsageStats { usageCalls.Add(1); return *usage.Load() }},
+		Leases: &LeaseView{Stats: func() LeaseStats { leaseCalls.Add(1); return *leases.Load() }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -500,7 +501,11 @@ func TestMetricsEndpoint(t *testing.T) {
 	}
 	components := func(want map[string]float64) {
 		t.Helper()
+		u0, l0 := usageCalls.Load(), leaseCalls.Load()
 		mfs := a.scrape(t)
+		if u, l := usageCalls.Load()-u0, leaseCalls.Load()-l0; u != 1 || l != 1 {
+			t.Errorf("a scrape read the usage stats %d times and the lease stats %d times, want once each", u, l)
+		}
 		for name, w := range want {
 			if got := metric(mfs, name); got != w {
 				t.Errorf("%s = %v, want %v", name, got, w)
