@@ -82,10 +82,10 @@ type Recorder struct {
 	settleChunk int // keys settled into the counters per transaction
 	// A settling pass merges acknowledged messages (see settleStep): it starts once
 	// settleMessages of them wait, or settleEntries deltas, or the oldest waited
-	// settleAfter. The longer a pass waits, the more often each busy key is written once
-	// instead of once per pass: at 5,000 requests a second over 10,000 customers, every
-	// 5 s message carries most of the same keys. settleEntries bounds the memory that
-	// waiting takes (about 100 bytes a delta).
+	// settleAfter. A pass writes each key once, and at 5,000 requests a second over
+	// 10,000 customers every 5 s message carries most of the same keys: the longer a
+	// pass waits, the fewer writes. settleEntries bounds the memory that waiting takes
+	// (about 100 bytes a delta).
 	settleMessages int
 	settleEntries  int
 	settleAfter    time.Duration
