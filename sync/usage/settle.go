@@ -174,46 +174,80 @@ func (r *Recorder) startPass() {
 	p.pass = ps
 }
 
-// mergeEntries merges lists of deltas in key order into one, in key order, with the
-// deltas of one key summed: pairwise, so that each delta is compared about log2(len(parts))
-// times. The result may be one of the lists itself; the pass only reads it.
+// mergeEntries merges lists of deltas in key order (each key at most once in a list)
+// into one, in key order, with the deltas of one key summed. It merges all the lists at
+// once, through a heap of their heads, into one slice: each delta is compared about
+// log2(len(parts)) times, and the pass allocates its result only. Merging the lists in
+// pairs allocated a slice per pair and level, 30 MB a minute at 5,000 requests a second
+// over 10,000 customers, most of the publisher's garbage. The result may be one of the
+// lists itself; the pass only reads it.
 func mergeEntries(parts [][]batchEntry, br *breather) []batchEntry {
-	for len(parts) > 1 {
-		next := parts[:0:0]
-		for i := 0; i < len(parts); i += 2 {
-			if i+1 == len(parts) {
-				next = append(next, parts[i])
-				continue
-			}
-			next = append(next, merge2(parts[i], parts[i+1], br))
+	m := mergeHeap{parts: parts, h: make([]int, 0, len(parts))}
+	longest := 0
+	for i, p := range parts {
+		if len(p) > 0 {
+			m.h = append(m.h, i)
+			longest = max(longest, len(p))
 		}
-		parts = next
 	}
-	if len(parts) == 0 {
+	switch len(m.h) {
+	case 0:
 		return nil
+	case 1:
+		return parts[m.h[0]]
 	}
-	return parts[0]
-}
-
-func merge2(a, b []batchEntry, br *breather) []batchEntry {
-	out := make([]batchEntry, 0, max(len(a), len(b)))
-	for n := 1; len(a) > 0 && len(b) > 0; n++ {
+	for i := len(m.h)/2 - 1; i >= 0; i-- {
+		m.down(i)
+	}
+	// The messages of a pass carry mostly the same keys: the result is about as long
+	// as the longest of them.
+	out := make([]batchEntry, 0, longest+longest/4)
+	for n := 1; len(m.h) > 0; n++ {
 		if n%yieldEvery == 0 {
 			br.yield()
 		}
-		switch c := compareKeys(&a[0].k, &b[0].k); {
-		case c < 0:
-			out, a = append(out, a[0]), a[1:]
-		case c > 0:
-			out, b = append(out, b[0]), b[1:]
-		default:
-			e := a[0]
-			e.d.add(&b[0].d)
-			out, a, b = append(out, e), a[1:], b[1:]
+		top := m.h[0]
+		e := &parts[top][0]
+		if last := len(out) - 1; last >= 0 && compareKeys(&out[last].k, &e.k) == 0 {
+			out[last].d.add(&e.d)
+		} else {
+			out = append(out, *e)
 		}
+		if parts[top] = parts[top][1:]; len(parts[top]) == 0 {
+			m.h[0] = m.h[len(m.h)-1]
+			m.h = m.h[:len(m.h)-1]
+		}
+		m.down(0)
 	}
-	out = append(out, a...)
-	return append(out, b...)
+	return out
+}
+
+// mergeHeap is a min-heap of the indexes of the non-empty lists in parts, by the key
+// of each list's first delta.
+type mergeHeap struct {
+	parts [][]batchEntry
+	h     []int
+}
+
+func (m *mergeHeap) less(i, j int) bool {
+	return compareKeys(&m.parts[m.h[i]][0].k, &m.parts[m.h[j]][0].k) < 0
+}
+
+func (m *mergeHeap) down(i int) {
+	for n := len(m.h); ; {
+		j := 2*i + 1
+		if j >= n {
+			return
+		}
+		if r := j + 1; r < n && m.less(r, j) {
+			j = r
+		}
+		if !m.less(j, i) {
+			return
+		}
+		m.h[i], m.h[j] = m.h[j], m.h[i]
+		i = j
+	}
 }
 
 // sweepStep deletes the log segments wholly below the floor (they are in messages), and

@@ -325,3 +325,51 @@ func TestKeyTableForgetsBetweenSets(t *testing.T) {
 	e.reopen()
 	sameSums(t, restoreSums(t, e), sums)
 }
+
+// TestMergeEntries merges random lists of deltas, as a settling pass merges its
+// messages, and checks the result against sums kept in a map: key order, one entry per
+// key, every field summed (from the earliest, to the latest, end the latest). Empty lists
+// and a single non-empty list are merged too.
+func TestMergeEntries(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 11))
+	for round := range 200 {
+		parts := make([][]batchEntry, rng.IntN(17))
+		want := map[limiter.CounterKey]delta{}
+		for i := range parts {
+			if rng.IntN(5) == 0 {
+				continue // an empty list
+			}
+			seen := map[limiter.CounterKey]bool{}
+			for range rng.IntN(300) {
+				k := limiter.CounterKey{Customer: fmt.Sprintf("c%03d", rng.IntN(120)), Feature: []string{"api_calls", "searches"}[rng.IntN(2)], WindowStart: int64(rng.IntN(2))}
+				if seen[k] {
+					continue
+				}
+				seen[k] = true
+				from := rng.Int64N(1000)
+				d := delta{end: rng.Int64N(50), from: from, to: from + rng.Int64N(100), records: 1 + rng.Int64N(3), quantity: rng.Int64N(9), overage: rng.Int64N(2)}
+				parts[i] = append(parts[i], batchEntry{k: k, d: d})
+				w, ok := want[k]
+				if !ok {
+					w = d
+				} else {
+					w.add(&d)
+				}
+				want[k] = w
+			}
+			slices.SortFunc(parts[i], func(a, b batchEntry) int { return compareKeys(&a.k, &b.k) })
+		}
+		got := mergeEntries(slices.Clone(parts), nil)
+		if len(got) != len(want) {
+			t.Fatalf("round %d: %d merged entries over %d lists, want %d keys", round, len(got), len(parts), len(want))
+		}
+		for i := range got {
+			if i > 0 && compareKeys(&got[i-1].k, &got[i].k) >= 0 {
+				t.Fatalf("round %d: entries %d and %d out of key order: %v, %v", round, i-1, i, got[i-1].k, got[i].k)
+			}
+			if w := want[got[i].k]; got[i].d != w {
+				t.Fatalf("round %d: %v merged to %+v, want %+v", round, got[i].k, got[i].d, w)
+			}
+		}
+	}
+}
