@@ -55,7 +55,8 @@ type logEntry struct {
 
 // decodeRecord calls fn with each usage of a log record, and returns the record's time.
 // Counter keys go through keys, so that decoding allocates only for keys it has not
-// seen; the entry is valid during the call.
+// seen; the entry is valid during the call. (It is the table's scratch entry: one on
+// the stack would escape to the heap through fn, an allocation per record.)
 func decodeRecord(v []byte, keys *keyTable, fn func(at int64, e *logEntry)) error {
 	if len(v) == 0 || v[0] != recordVersion {
 		return fmt.Errorf("%w: log record version", errCorrupt)
@@ -63,7 +64,8 @@ func decodeRecord(v []byte, keys *keyTable, fn func(at int64, e *logEntry)) erro
 	d := decoder{b: v[1:]}
 	at := int64(d.u64())
 	n := d.uvarint()
-	var e logEntry
+	e := &keys.entry
+	*e = logEntry{}
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		e.key = keys.slot(&d)
 		e.end = int64(d.u64())
@@ -76,7 +78,7 @@ func decodeRecord(v []byte, keys *keyTable, fn func(at int64, e *logEntry)) erro
 		d.b = d.b[1:]
 		e.x = d.varint()
 		if d.err == nil {
-			fn(at, &e)
+			fn(at, e)
 		}
 	}
 	if d.err == nil && len(d.b) != 0 {
@@ -97,6 +99,7 @@ type keyTable struct {
 	fresh []*keySlot // this epoch's slots not ranked yet
 	spare []*keySlot // the previous order's array, reused by rank
 	max   int        // how many keys m holds before it is replaced (maxTableKeys)
+	entry logEntry   // decodeRecord's scratch
 }
 
 // maxTableKeys is how many keys the table remembers; beyond, it forgets the keys of the

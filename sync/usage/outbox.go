@@ -456,7 +456,8 @@ func (r *Recorder) cut() error {
 	}
 	key, val := pendingKey(seq), appendMessageValue(make([]byte, 0, 64+len(entries)*40), set.records, from, to, entries)
 	p.br.yield()
-	data := appendMessageJSON(make([]byte, 0, set.bytes+256), r.sidecarID, r.epoch, seq, from, to, entries, &p.br)
+	data := appendMessageJSON(slices.Grow(p.spareMsg[:0], set.bytes+256), r.sidecarID, r.epoch, seq, from, to, entries, &p.br)
+	p.spareMsg = nil // data is the pending message's until its acknowledgement
 	p.br.yield()
 	err := r.update(func(txn *badger.Txn) error {
 		if err := txn.Set(key, val); err != nil {
