@@ -39,7 +39,7 @@ func usageCostAbout(o *options) string {
 }
 
 func (usageCostScenario) plan(o *options) time.Duration {
-	closed := time.Duration(2*o.Pairs) * (o.Warmup + o.Duration + perRun)
+	closed := time.Duration(2*o.Pairs) * (o.Warmup + max(o.Duration, config.Default().Usage.FlushInterval) + perRun)
 	open := time.Duration(2*o.Pairs) * (o.OpenWarmup + max(o.OpenDuration, config.Default().Usage.FlushInterval) + perRun)
 	open += o.OpenWarmup + max(o.OpenDuration, 2*config.Default().Usage.FlushInterval+time.Second) + perRun
 	return closed + open + 15*time.Second // two starts, sanity, leases, usage check
@@ -130,7 +130,10 @@ func (usageCostScenario) Run(ctx context.Context, e *env) (*scenarioResult, erro
 		return []*proc{off, on}
 	}
 
-	closed := runSpec{conns: o.Conns, warmup: o.Warmup, duration: o.Duration}
+	// A closed-loop run of usage-on holds whole flush intervals too (see openDuration):
+	// a 4 s run held one of the 5 s cuts or none, and the rounds' ratios with it.
+	closedFor := e.openDuration(on)
+	closed := runSpec{conns: o.Conns, warmup: o.Warmup, duration: max(o.Duration, closedFor)}
 	rounds, err := e.rounds(ctx, "usage closed", "closed", o.Pairs, order, wl, closed, keep(&ur.Closed))
 	if err != nil {
 		return nil, err
