@@ -178,9 +178,9 @@ func (r *Recorder) startPass() {
 // into one, in key order, with the deltas of one key summed. It merges all the lists at
 // once, through a heap of their heads, into one slice: each delta is compared about
 // log2(len(parts)) times, and the pass allocates its result only. Merging the lists in
-// pairs allocated a slice per pair and level, 30 MB a minute at 5,000 requests a second
-// over 10,000 customers, most of the publisher's garbage. The result may be one of the
-// lists itself; the pass only reads it.
+// pairs allocated a slice per pair and level, 30 MB a pass at 5,000 requests a second
+// over 10,000 customers, most of the publisher's garbage. It consumes parts (advances
+// the lists in it). The result may be one of the lists itself; the pass only reads it.
 func mergeEntries(parts [][]batchEntry, br *breather) []batchEntry {
 	m := mergeHeap{parts: parts, h: make([]int, 0, len(parts))}
 	longest := 0
