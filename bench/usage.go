@@ -44,7 +44,11 @@ func flushInterval(configPath string) time.Duration {
 // so that the per-pair differences would be drawn from two populations. A run of one
 // interval or more holds the same share of that work as a long window does.
 func (e *env) openDuration(p *proc) time.Duration {
-	d := e.o.OpenDuration
+	return e.wholeIntervals(p, e.o.OpenDuration)
+}
+
+// wholeIntervals is d, but at least p's usage flush interval when p publishes usage.
+func (e *env) wholeIntervals(p *proc, d time.Duration) time.Duration {
 	if e.caps[capUsage] && !p.usageOff {
 		d = max(d, flushInterval(p.config))
 	}

@@ -132,8 +132,7 @@ func (usageCostScenario) Run(ctx context.Context, e *env) (*scenarioResult, erro
 
 	// A closed-loop run of usage-on holds whole flush intervals too (see openDuration):
 	// a 4 s run held one of the 5 s cuts or none, and the rounds' ratios with it.
-	closedFor := e.openDuration(on)
-	closed := runSpec{conns: o.Conns, warmup: o.Warmup, duration: max(o.Duration, closedFor)}
+	closed := runSpec{conns: o.Conns, warmup: o.Warmup, duration: e.wholeIntervals(on, o.Duration)}
 	rounds, err := e.rounds(ctx, "usage closed", "closed", o.Pairs, order, wl, closed, keep(&ur.Closed))
 	if err != nil {
 		return nil, err
