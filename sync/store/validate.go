@@ -39,7 +39,7 @@ func checkTables(dir string) error {
 	}
 	for _, name := range files {
 		id, ok := table.ParseFileID(name)
-		if !ok || !listed[id] {
+		if _, inManifest := listed[id]; !ok || !inManifest {
 			continue
 		}
 		if err := checkTable(name); err != nil {
@@ -49,9 +49,9 @@ func checkTables(dir string) error {
 	return nil
 }
 
-// manifestTables returns the ids of the tables that dir's MANIFEST lists; none when there
-// is no MANIFEST.
-func manifestTables(dir string) (map[uint64]bool, error) {
+// manifestTables returns the tables that dir's MANIFEST lists, by id; none when there is
+// no MANIFEST.
+func manifestTables(dir string) (map[uint64]badger.TableManifest, error) {
 	f, err := os.Open(filepath.Join(dir, badger.ManifestFilename))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -65,11 +65,7 @@ func manifestTables(dir string) (map[uint64]bool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", badger.ManifestFilename, err)
 	}
-	listed := make(map[uint64]bool, len(mf.Tables))
-	for id := range mf.Tables {
-		listed[id] = true
-	}
-	return listed, nil
+	return mf.Tables, nil
 }
 
 // checkTable mirrors the reads of badger/table.(*Table).initIndex, with bounds checks.
