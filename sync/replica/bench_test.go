@@ -7,6 +7,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/gatehouse-dev/gatehouse/limiter"
 )
 
 func BenchmarkCustomerHit(b *testing.B) {
@@ -107,4 +109,40 @@ func BenchmarkPropagation(b *testing.B) {
 	b.ReportMetric(pct(0.5), "p50-µs")
 	b.ReportMetric(pct(0.99), "p99-µs")
 	b.ReportMetric(pct(1), "max-µs")
+}
+
+// BenchmarkTableGet is the request path's lookup in the in-memory table: hot reads 64
+// of 10,000 customers, which stay in the CPU's caches; all reads the 10,000 in an order
+// that defeats the caches' prefetching; million reads 1,000,000 customers, far more than
+// the caches hold, so that most lookups read the table from memory, as a sidecar's
+// lookups do when its requests interleave with the kernel's and other processes' work.
+func BenchmarkTableGet(b *testing.B) {
+	for _, c := range []struct {
+		name         string
+		customers, n int
+	}{{"hot", 10000, 64}, {"all", 10000, 10000}, {"million", 1000000, 1000000}} {
+		b.Run(c.name, func(b *testing.B) {
+			tab := newTable(2*c.customers, 1024)
+			ids := make([][]byte, c.customers)
+			for i := range ids {
+				id := fmt.Sprintf("cust_%07d", i)
+				ids[i] = []byte(id)
+				if _, ok := tab.fill(id, tab.gen(id), &limiter.Snapshot{CustomerID: id}); !ok {
+					b.Fatal("fill refused")
+				}
+			}
+			order := make([][]byte, c.n)
+			for i := range order {
+				order[i] = ids[i*7919%c.customers]
+			}
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				if s, hit := tab.get(order[i%c.n]); !hit || s == nil {
+					b.Fatal("miss")
+				}
+				i++
+			}
+		})
+	}
 }

@@ -2,7 +2,9 @@ package replica
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -196,7 +198,7 @@ func TestFillAfterChangeIsRefused(t *testing.T) {
 // replaced and removed on its own. Real collisions of 64-bit hashes are too rare to
 // meet, so the test gives every id the same hash.
 func TestIDMapCollisions(t *testing.T) {
-	m := make(idMap)
+	var m idMap
 	const h = 42
 	long := strings.Repeat("x", inlineID+1) // held outside the entry
 	ids := []string{"cust_a", "cust_b", long, "cust_c"}
@@ -215,11 +217,11 @@ func TestIDMapCollisions(t *testing.T) {
 			}
 		}
 		n := 0
-		for e := m[h]; e != nil; e = e.next {
+		for e := m.head(h); e != nil; e = e.next {
 			n++
 		}
-		if n != len(want) || (n == 0) != (len(m) == 0) {
-			t.Fatalf("chain of %d (map of %d), want %d", n, len(m), len(want))
+		if n != len(want) || (n == 0) != (m.len() == 0) {
+			t.Fatalf("chain of %d (map of %d), want %d", n, m.len(), len(want))
 		}
 	}
 	check(ids...)
@@ -239,4 +241,69 @@ func TestIDMapCollisions(t *testing.T) {
 	check(long)
 	m.remove(h, m.getString(h, long)) // the last
 	check()
+}
+
+// TestIDMapProbing checks the open-addressing table against a Go map through random
+// puts, replacements and removals, with few distinct hashes whose probe paths overlap
+// (so that removals move slots back) and some ids sharing a hash (chains), while the
+// table grows from empty to hundreds of slots and shrinks back to nothing.
+func TestIDMapProbing(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 11))
+	var m idMap
+	want := map[string]*entry{}
+	hashOf := func(id string) uint64 {
+		n, _ := strconv.Atoi(id[1:])
+		// Hashes 0..499 <<8 start their probes at slots that crowd together; every fifth
+		// id shares its hash with another.
+		return uint64(n/5*4+n%5%2) << 8
+	}
+	ids := make([]string, 600)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("c%d", i)
+	}
+	check := func(step int) {
+		t.Helper()
+		hashes := map[uint64]bool{}
+		for _, id := range ids {
+			h := hashOf(id)
+			if got := m.getString(h, id); got != want[id] {
+				t.Fatalf("step %d: %s: entry %p, want %p", step, id, got, want[id])
+			}
+			if want[id] != nil {
+				hashes[h] = true
+			}
+		}
+		if m.len() != len(hashes) {
+			t.Fatalf("step %d: %d chains, want %d", step, m.len(), len(hashes))
+		}
+		if len(m.slots) > 0 && m.n*4 > len(m.slots)*3 {
+			t.Fatalf("step %d: %d of %d slots in use", step, m.n, len(m.slots))
+		}
+	}
+	for step := range 20000 {
+		id := ids[rng.IntN(len(ids))]
+		h := hashOf(id)
+		// Fill for the first half, empty for the second: the table grows, then drains.
+		if rng.IntN(20000) >= step && rng.IntN(3) > 0 {
+			e := newEntry(id, false)
+			m.put(h, e)
+			want[id] = e
+		} else if cur := want[id]; cur != nil {
+			m.remove(h, cur)
+			delete(want, id)
+		} else {
+			m.remove(h, newEntry(id, false)) // not there: nothing changes
+		}
+		if step%97 == 0 {
+			check(step)
+		}
+	}
+	for id, e := range want {
+		m.remove(hashOf(id), e)
+		delete(want, id)
+	}
+	check(-1)
+	if m.len() != 0 {
+		t.Fatalf("%d chains left", m.len())
+	}
 }
