@@ -112,6 +112,10 @@ type keySlot struct {
 	i     int
 	epoch uint64 // the table's epoch when the slot was made
 	rank  uint32 // position in the table's order, once ranked
+	// The key's durable total outside the log, as last found in p.durable, and the
+	// generation of p.durable it was found in (see durableOf).
+	dur    *durableTotal
+	durGen uint64
 }
 
 // newSet readies the table for a new delta set: it is the only time the table may

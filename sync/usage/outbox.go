@@ -169,6 +169,7 @@ type deltaSet struct {
 	indexed bool                       // idx holds every key of es (see entryLogged)
 	gen     uint64                     // the set's generation in p.keys
 	durable map[limiter.CounterKey]*durableTotal
+	durGen  uint64 // p.durableGen while the set is filled (p.durable does not change then)
 	es      []batchEntry
 	logged  []int64 // per entry of es: its quantity from the log (not yet in p.durable)
 	before  []int64 // per entry of es: its durable quantity outside the log (p.durable)
@@ -186,7 +187,7 @@ func (s *deltaSet) entry(k limiter.CounterKey) int {
 	}
 	i, ok := s.idx[k]
 	if !ok {
-		i = s.push(k)
+		i = s.push(k, nil)
 		s.idx[k] = i
 	}
 	return i
@@ -195,18 +196,19 @@ func (s *deltaSet) entry(k limiter.CounterKey) int {
 // entryLogged returns the position of the delta of a key read from the log that is not
 // in the set yet (its keySlot says so). Until a folded total joins the set, only the log's
 // keys are in it, each once (keySlot), so no index is needed.
-func (s *deltaSet) entryLogged(k limiter.CounterKey) int {
+func (s *deltaSet) entryLogged(sl *keySlot) int {
 	if s.indexed {
-		return s.entry(k)
+		return s.entry(sl.k)
 	}
-	return s.push(k)
+	return s.push(sl.k, sl)
 }
 
-func (s *deltaSet) push(k limiter.CounterKey) int {
+// push adds k's delta; sl is k's slot when it came from the log, else nil.
+func (s *deltaSet) push(k limiter.CounterKey, sl *keySlot) int {
 	s.es = append(s.es, batchEntry{k: k})
 	s.logged = append(s.logged, 0)
 	var before int64
-	if t := s.durable[k]; t != nil {
+	if t := durableOf(s.durable, s.durGen, k, sl); t != nil {
 		before = t.quantity
 	}
 	s.before = append(s.before, before)
@@ -226,7 +228,7 @@ func (s *deltaSet) add(k limiter.CounterKey, d *delta) {
 func (r *Recorder) addLogged(s *deltaSet, at int64, e *logEntry) {
 	sl := e.key
 	if sl.gen != s.gen {
-		sl.i, sl.gen = s.entryLogged(sl.k), s.gen
+		sl.i, sl.gen = s.entryLogged(sl), s.gen
 		if s.es[sl.i].slot == nil {
 			s.es[sl.i].slot = sl // (an entry made by a folded total has none)
 		}
@@ -253,11 +255,14 @@ func (r *Recorder) settleLogged(s *deltaSet) {
 		if s.logged[i] == 0 && s.es[i].d.records == 0 {
 			continue
 		}
-		k := s.es[i].k
-		t := p.durable[k]
+		k, sl := s.es[i].k, s.es[i].slot
+		t := durableOf(p.durable, p.durableGen, k, sl)
 		if t == nil {
 			t = &durableTotal{}
 			p.durable[k] = t
+			if sl != nil {
+				sl.dur, sl.durGen = t, p.durableGen
+			}
 		}
 		t.quantity += s.logged[i]
 		t.end = max(t.end, s.es[i].d.end)
@@ -265,12 +270,29 @@ func (r *Recorder) settleLogged(s *deltaSet) {
 	if now := r.opts.Now(); now.After(p.pruneDurableAt) {
 		n := now.UnixNano()
 		maps.DeleteFunc(p.durable, func(_ limiter.CounterKey, t *durableTotal) bool { return t.end <= n })
+		p.durableGen++ // the slots' pointers may name totals no longer in the map
 		p.pruneDurableAt = now.Add(time.Minute)
 	}
 }
 
 // durableTotal is a key's durable quantity outside the log.
 type durableTotal struct{ end, quantity int64 }
+
+// durableOf returns k's total in durable, which is in generation gen, or nil. sl, k's
+// slot when k came from the log, remembers the total it found: a slot is read on every
+// cut that has usage of its key, and the map's keys are two strings to hash and compare,
+// from memory more often than not. A total stays in the map until a prune, which starts
+// a new generation; so a remembered total of this generation is the map's.
+func durableOf(durable map[limiter.CounterKey]*durableTotal, gen uint64, k limiter.CounterKey, sl *keySlot) *durableTotal {
+	if sl != nil && sl.dur != nil && sl.durGen == gen {
+		return sl.dur
+	}
+	t := durable[k]
+	if sl != nil && t != nil {
+		sl.dur, sl.durGen = t, gen
+	}
+	return t
+}
 
 // readLog adds to s the log records from pos up to end, until full says the set is
 // full; it returns the position after the last record taken and whether records were
@@ -317,7 +339,7 @@ func (r *Recorder) newSet() deltaSet {
 		p.setIdx = make(map[limiter.CounterKey]int)
 	}
 	clear(p.setIdx)
-	s := deltaSet{idx: p.setIdx, gen: p.keys.newSet(), durable: p.durable}
+	s := deltaSet{idx: p.setIdx, gen: p.keys.newSet(), durable: p.durable, durGen: p.durableGen}
 	if n := p.lastSet + p.lastSet/8; n > 0 {
 		s.es = make([]batchEntry, 0, n) // the message keeps it: never reused
 		s.logged, s.before = p.spareLogged[:0], p.spareBefore[:0]

@@ -43,6 +43,7 @@ type publisher struct {
 	// (counters, messages, folded totals). keys holds the counter keys read from the log.
 	durable        map[limiter.CounterKey]*durableTotal
 	pruneDurableAt time.Time
+	durableGen     uint64 // bumped when totals leave durable (see durableOf)
 	keys           keyTable
 	// The last cut's set: how many deltas it held, and its per-delta scratch (newSet).
 	lastSet                  int

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -221,5 +222,54 @@ func TestOverageFollowsDurableOrder(t *testing.T) {
 	// 9 + 1 (within) + 3 (over) + 2 (no limit known: overage as given).
 	if len(totals) != 1 || totals[0].Quantity != 15 || totals[0].Overage != 5 {
 		t.Fatalf("totals %+v, want quantity 15 and overage 3 + 2", totals)
+	}
+}
+
+// The overage of a limited key is computed from its durable total, which the publisher
+// remembers in the key's slot from cut to cut (durableOf); a prune of ended windows
+// between cuts starts a new generation. Across cuts and a prune, the overage is still
+// the part of the total beyond the limit.
+func TestOverageAcrossCutsAndPrunes(t *testing.T) {
+	e := newEnv(t)
+	var clock atomic.Int64
+	clock.Store(window0.Add(time.Hour).UnixNano())
+	r := e.recorder(func(o *Options) {
+		o.FlushInterval = time.Hour
+		o.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+	})
+	limited := use("cust_soft", "exports", -1, 4, 0)
+	limited.Limited, limited.Limit = true, 10
+	ended := use("cust_soft", "calls", 0, 1, 0) // its window ends a day after window0
+	for round := range 5 {
+		us := []limiter.Usage{limited}
+		if round < 2 {
+			us = append(us, ended)
+		}
+		if err := r.Record(us); err != nil {
+			t.Fatal(err)
+		}
+		flush(t, r)
+		if round == 2 { // past the ended window and the next prune: its total goes
+			clock.Add(int64(72 * time.Hour))
+		}
+	}
+	totals, err := Totals(within(t, 10*time.Second), e.js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]Total{}
+	for _, tot := range totals {
+		got[tot.Feature] = tot
+	}
+	// exports: 5 × 4 = 20 against a limit of 10; calls: 2, no limit known.
+	if x := got["exports"]; x.Quantity != 20 || x.Overage != 10 {
+		t.Errorf("exports: %+v, want quantity 20, overage 10", x)
+	}
+	if c := got["calls"]; c.Quantity != 2 || c.Overage != 0 {
+		t.Errorf("calls: %+v, want quantity 2, overage 0", c)
+	}
+	r.Close(expired()) // the publisher is done: its state may be read
+	if r.p.durableGen == 0 {
+		t.Error("no prune happened: the test did not cover a new generation")
 	}
 }
