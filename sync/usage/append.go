@@ -3,6 +3,7 @@ package usage
 import (
 	"encoding/binary"
 	"fmt"
+	"hash/maphash"
 	"slices"
 
 	"github.com/gatehouse-dev/gatehouse/limiter"
@@ -91,8 +92,17 @@ func decodeRecord(v []byte, keys *keyTable, fn func(at int64, e *logEntry)) erro
 // the key decoded once, its place in the delta set being filled, so that the publisher
 // looks up each usage it reads once, by the key's bytes, and its rank in key order, so
 // that a cut sorts its deltas by comparing integers (sortByRank).
+//
+// The lookup is an open-addressing table of (hash, slot) pairs with linear probing, not
+// a Go map: it runs for every usage of every request, over tens of thousands of keys, so
+// it reads memory more often than the CPU's caches. It reads one pair (four to a cache
+// line), then the slot, which holds the key's bytes; a map keyed by the bytes reads its
+// directory, table and group, then the key's bytes from a place of their own, then the
+// slot. Keys are never removed one by one: forget drops them all.
 type keyTable struct {
-	m     map[string]*keySlot
+	seed  maphash.Seed
+	refs  []keyRef   // a power of two long, at most 3/4 full; nil after forget
+	n     int        // keys in refs
 	gen   uint64     // the last deltaSet's generation
 	epoch uint64     // bumped whenever m is replaced: older slots have no rank
 	order []*keySlot // this epoch's ranked slots, in key order (compareKeys)
@@ -106,7 +116,16 @@ type keyTable struct {
 // past (ended windows, gone customers) rather than grow forever.
 const maxTableKeys = 1 << 20
 
+type keyRef struct {
+	h uint64
+	s *keySlot // nil: free
+}
+
+// minKeyRefs is the table's size once it holds anything.
+const minKeyRefs = 1024
+
 type keySlot struct {
+	raw   string // the encoded key, as the log holds it
 	k     limiter.CounterKey
 	gen   uint64 // the deltaSet that i is a position in
 	i     int
@@ -122,7 +141,7 @@ type keySlot struct {
 // forget its keys, since a slot replaced while a set is filled would give that set a
 // second entry for the key.
 func (t *keyTable) newSet() uint64 {
-	if t.m == nil || len(t.m) > t.maxKeys() {
+	if t.refs == nil || t.n > t.maxKeys() {
 		t.forget()
 	}
 	t.gen++
@@ -131,7 +150,10 @@ func (t *keyTable) newSet() uint64 {
 
 // forget starts the table afresh, in a new epoch.
 func (t *keyTable) forget() {
-	t.m = make(map[string]*keySlot)
+	t.refs, t.n = make([]keyRef, minKeyRefs), 0
+	if t.seed == (maphash.Seed{}) {
+		t.seed = maphash.MakeSeed()
+	}
 	t.epoch++
 	t.order, t.fresh, t.spare = nil, nil, nil
 }
@@ -212,15 +234,40 @@ func (t *keyTable) slot(d *decoder) *keySlot {
 	}
 	key := b[:len(b)-len(raw.b)]
 	d.b = raw.b
-	if s, ok := t.m[string(key)]; ok {
-		return s
-	}
-	if t.m == nil {
+	if t.refs == nil {
 		t.forget()
 	}
+	h := maphash.Bytes(t.seed, key)
+	mask := len(t.refs) - 1
+	i := int(h) & mask
+	for ; t.refs[i].s != nil; i = (i + 1) & mask {
+		if r := &t.refs[i]; r.h == h && r.s.raw == string(key) {
+			return r.s
+		}
+	}
 	kd := decoder{b: key}
-	s := &keySlot{k: kd.ck(), epoch: t.epoch}
-	t.m[string(key)] = s
+	s := &keySlot{raw: string(key), k: kd.ck(), epoch: t.epoch}
+	t.refs[i] = keyRef{h: h, s: s}
+	if t.n++; t.n*4 > len(t.refs)*3 {
+		t.grow()
+	}
 	t.fresh = append(t.fresh, s)
 	return s
+}
+
+// grow doubles the table.
+func (t *keyTable) grow() {
+	old := t.refs
+	t.refs = make([]keyRef, 2*len(old))
+	mask := len(t.refs) - 1
+	for _, r := range old {
+		if r.s == nil {
+			continue
+		}
+		i := int(r.h) & mask
+		for t.refs[i].s != nil {
+			i = (i + 1) & mask
+		}
+		t.refs[i] = r
+	}
 }

@@ -286,3 +286,48 @@ func BenchmarkMergeEntries(b *testing.B) {
 		mergeEntries(slices.Clone(parts), nil)
 	}
 }
+
+// BenchmarkFoldLog is the publisher's fold of the usage log into a cut's deltas, the
+// work that follows every request: decoding each record and adding each usage to its
+// key's delta. 150,000 records (a 5 s cut at 30,000 requests a second) of two usages
+// each over 10,000 customers, in a random order, with every key's durable total known,
+// as in a sidecar that has run a while. ns/op is per record.
+func BenchmarkFoldLog(b *testing.B) {
+	const customers, records = 10000, 150000
+	rng := rand.New(rand.NewPCG(3, 5))
+	durable := map[limiter.CounterKey]*durableTotal{}
+	var log [][]byte
+	for range records {
+		c := fmt.Sprintf("cust_%05d", rng.IntN(customers))
+		calls := use(c, "api_calls", -1, 1, 0)
+		calls.Limited, calls.Limit = true, 1<<40
+		us := []limiter.Usage{calls, use(c, "searches", -1, 1+int64(rng.IntN(3)), 0)}
+		for _, u := range us {
+			if durable[u.Key] == nil {
+				durable[u.Key] = &durableTotal{end: u.End, quantity: 1000}
+			}
+		}
+		log = append(log, appendRecord(nil, time.Now().UnixNano(), us))
+	}
+	var r Recorder
+	r.p.durable = durable
+	r.p.keys.forget()
+	fold := func() *deltaSet {
+		s := &deltaSet{idx: map[limiter.CounterKey]int{}, gen: r.p.keys.newSet(), durable: durable, durGen: r.p.durableGen}
+		add := func(at int64, e *logEntry) { r.addLogged(s, at, e) }
+		for _, v := range log {
+			if err := decodeRecord(v, &r.p.keys, add); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return s
+	}
+	fold() // the keys are known, as after the first cut
+	b.ResetTimer()
+	for b.Loop() {
+		if s := fold(); s.records != 2*records {
+			b.Fatalf("%d usages folded, want %d", s.records, 2*records)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*records), "ns/record")
+}

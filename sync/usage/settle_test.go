@@ -373,3 +373,49 @@ func TestMergeEntries(t *testing.T) {
 		}
 	}
 }
+
+// TestKeyTable: the table gives one slot per distinct encoded key, the same slot every
+// time, through growth from its first size to thousands of keys, and new slots after
+// forget.
+func TestKeyTable(t *testing.T) {
+	var kt keyTable
+	kt.newSet()
+	const n = 5000
+	enc := make([][]byte, n)
+	for i := range enc {
+		k := limiter.CounterKey{Customer: fmt.Sprintf("cust_%d", i%1700), Feature: fmt.Sprintf("f%d", i/1700), WindowStart: int64(i % 3)}
+		enc[i] = appendCK(nil, &k)
+	}
+	slotOf := func(b []byte) *keySlot {
+		d := decoder{b: append(append([]byte{}, b...), 0xee)} // a byte after the key: slot reads only the key
+		s := kt.slot(&d)
+		if d.err != nil || len(d.b) != 1 || s == nil {
+			t.Fatalf("slot: err %v, %d bytes left", d.err, len(d.b))
+		}
+		return s
+	}
+	first := map[*keySlot]int{}
+	for round := range 2 {
+		for i, b := range enc {
+			s := slotOf(b)
+			if j, seen := first[s]; seen && j != i {
+				t.Fatalf("keys %d and %d share a slot", j, i)
+			}
+			first[s] = i
+			if s.raw != string(b) {
+				t.Fatalf("key %d: slot of another key", i)
+			}
+			if got := appendCK(nil, &s.k); string(got) != string(b) {
+				t.Fatalf("key %d: decoded %+v", i, s.k)
+			}
+		}
+		if len(first) != n || kt.n != n {
+			t.Fatalf("round %d: %d slots, table of %d, want %d", round, len(first), kt.n, n)
+		}
+	}
+	old := slotOf(enc[0])
+	kt.forget()
+	if s := slotOf(enc[0]); s == old || s.epoch == old.epoch {
+		t.Fatal("forget kept the slot")
+	}
+}
