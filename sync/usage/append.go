@@ -110,6 +110,9 @@ type keyTable struct {
 	spare []*keySlot // the previous order's array, reused by rank
 	max   int        // how many keys m holds before it is replaced (maxTableKeys)
 	entry logEntry   // decodeRecord's scratch
+	// sortByRank's scratch.
+	sortOrder []uint64
+	sortBuf   []batchEntry
 }
 
 // maxTableKeys is how many keys the table remembers; beyond, it forgets the keys of the
@@ -202,16 +205,20 @@ func sortByRank(t *keyTable, es []batchEntry, br *breather) bool {
 		}
 	}
 	t.rank(br)
-	order := make([]uint64, len(es))
+	// The scratch is kept from cut to cut: a cut at saturation sorts tens of thousands
+	// of deltas, and two fresh arrays of them were most of a cut's garbage.
+	order := slices.Grow(t.sortOrder[:0], len(es))[:len(es)]
 	for i := range es {
 		order[i] = uint64(es[i].slot.rank)<<32 | uint64(i)
 	}
 	slices.Sort(order)
-	sorted := make([]batchEntry, len(es))
+	sorted := slices.Grow(t.sortBuf[:0], len(es))[:len(es)]
 	for k, v := range order {
 		sorted[k] = es[uint32(v)]
 	}
 	copy(es, sorted)
+	clear(sorted) // it holds the keys' strings and slots: let them go with the message
+	t.sortOrder, t.sortBuf = order, sorted
 	return true
 }
 
