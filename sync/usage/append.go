@@ -101,14 +101,14 @@ func decodeRecord(v []byte, keys *keyTable, fn func(at int64, e *logEntry)) erro
 // slot. Keys are never removed one by one: forget drops them all.
 type keyTable struct {
 	seed  maphash.Seed
-	refs  []keyRef   // a power of two long, at most 3/4 full; nil after forget
+	refs  []keyRef   // a power of two long, at most 3/4 full; nil until the first forget
 	n     int        // keys in refs
 	gen   uint64     // the last deltaSet's generation
-	epoch uint64     // bumped whenever m is replaced: older slots have no rank
+	epoch uint64     // bumped whenever the table forgets its keys: older slots have no rank
 	order []*keySlot // this epoch's ranked slots, in key order (compareKeys)
 	fresh []*keySlot // this epoch's slots not ranked yet
 	spare []*keySlot // the previous order's array, reused by rank
-	max   int        // how many keys m holds before it is replaced (maxTableKeys)
+	max   int        // how many keys the table holds before it forgets them (maxTableKeys)
 	entry logEntry   // decodeRecord's scratch
 	// sortByRank's scratch.
 	sortOrder []uint64
